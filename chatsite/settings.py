@@ -1,0 +1,142 @@
+"""Django settings for chatsite.
+
+Nothing here reads the environment or config.toml directly: every value comes
+through the typed helpers of :mod:`chatsite.config`, and every setting is listed
+in ``docs/configuration.md``. Settings that need more than parsing (the model
+table, the default model) are checked by the system checks of ``inference``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from chatsite import config
+from chatsite.config import BASE_DIR
+
+DEBUG = config.get_bool("server.debug", False)
+
+# A key generated per install would log everybody out at each restart; an
+# operator sets a real one. The fallback is only acceptable with DEBUG or on
+# loopback, which the deploy check (manage.py check --deploy) reports.
+SECRET_KEY = config.get_str("server.secret_key", "chatsite-insecure-development-key-change-me")
+
+ALLOWED_HOSTS = config.get_list("server.allowed_hosts", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = config.get_list("server.csrf_trusted_origins", [])
+
+INSTALLED_APPS = [
+    # daphne first, so that runserver serves ASGI (and WebSockets) too.
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_prometheus",
+    "inference",
+    "chat",
+]
+
+MIDDLEWARE = [
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+]
+
+ROOT_URLCONF = "chatsite.urls"
+ASGI_APPLICATION = "chatsite.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# One URL names the database: SQLite (the embedded default) or PostgreSQL for
+# several front ends. django-prometheus's wrappers count queries and errors.
+DATABASE_URL = config.get_str("database.url", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+DATABASES = {"default": config.database_from_url(DATABASE_URL)}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+
+# Channels: the in-memory layer serves one process (the embedded default);
+# a Redis URL switches to the layer that several Daphne front ends share.
+REDIS_URL = config.get_str("channels.redis_url", "")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- Inference -------------------------------------------------------------
+# The model table: name -> {path | hf_repo + hf_file | bundled, context_size,
+# gpu_layers, ...}. Validated by inference.checks; parsed by inference.registry.
+CHATSITE_MODELS = config.get_table("models")
+CHATSITE_DEFAULT_MODEL = config.get_str("inference.default_model", "smollm2-135m")
+# How many requests may wait for a model while it generates for another.
+CHATSITE_QUEUE_SIZE = config.get_int("inference.queue_size", 8, minimum=0)
+# Threads llama.cpp uses for decoding; 0 means one per CPU core.
+CHATSITE_N_THREADS = config.get_int("inference.n_threads", 0, minimum=0)
+# Defaults for requests that do not say otherwise.
+CHATSITE_DEFAULT_MAX_TOKENS = config.get_int("inference.default_max_tokens", 512, minimum=1)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "{asctime} {levelname} {name}: {message}", "style": "{"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": config.get_str("server.log_level", "INFO")},
+    "loggers": {
+        "django": {"level": "INFO"},
+        # Daphne logs every request at INFO; keep it to warnings.
+        "daphne": {"level": "WARNING"},
+    },
+}
+
+# Tests and management commands must never download anything on their own.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# A bearer token that /metrics requires; empty leaves /metrics open.
+CHATSITE_METRICS_TOKEN = config.get_str("metrics.token", "")

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import path
+
+from chat import views as chat_views
+from inference import views as inference_views
+
+urlpatterns = [
+    path("", chat_views.home, name="home"),
+    path("admin/", admin.site.urls),
+    path("health", inference_views.health, name="health"),
+    path("ready", inference_views.ready, name="ready"),
+    # The original service's readiness path.
+    path("readiness", inference_views.ready, name="readiness"),
+    path("metrics", inference_views.metrics, name="metrics"),
+]

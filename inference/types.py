@@ -1,0 +1,181 @@
+"""What callers hand the engine and what they get back.
+
+These are plain values with no reference to llama.cpp, so the chat site, the
+REST API, a remote inference worker and the tests all speak the same language.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant")
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+Transport = Literal["websocket", "api", "command"]
+TRANSPORTS: tuple[Transport, ...] = ("websocket", "api", "command")
+
+
+class InferenceError(Exception):
+    """Base of the errors a request can end with before its first token.
+
+    ``kind`` names the error in metrics and in API error bodies.
+    """
+
+    kind = "engine"
+
+
+class InvalidRequest(InferenceError):
+    """The request itself is wrong (a parameter out of range, an empty prompt)."""
+
+    kind = "invalid_request"
+
+
+class EngineBusy(InferenceError):
+    """The model's queue is full; the caller may retry later."""
+
+    kind = "busy"
+
+
+class ContextLengthExceeded(InferenceError):
+    """The prompt does not fit the model's context window."""
+
+    kind = "context_length"
+
+    def __init__(self, *, prompt_tokens: int, limit: int, model: str) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+        self.model = model
+        super().__init__(
+            f"The prompt is {prompt_tokens} tokens long, but model {model!r} fits at most "
+            f"{limit} prompt tokens (its context window less room for the reply). "
+            "Shorten the conversation or the message."
+        )
+
+
+class ModelUnavailable(InferenceError):
+    """The model is not configured, or its file cannot be found or loaded."""
+
+    kind = "engine"
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise InvalidRequest(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if not isinstance(self.content, str):
+            raise InvalidRequest("message content must be a string")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings; defaults follow llama.cpp's own."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise InvalidRequest(message)
+
+        for name in ("temperature", "top_p", "repeat_penalty"):
+            value = getattr(self, name)
+            check(
+                isinstance(value, int | float) and not isinstance(value, bool),
+                f"{name} must be a number",
+            )
+            check(math.isfinite(value), f"{name} must be a finite number")
+        check(0 <= self.temperature <= 2, "temperature must be between 0 and 2")
+        check(0 < self.top_p <= 1, "top_p must be greater than 0 and at most 1")
+        check(0 < self.repeat_penalty <= 10, "repeat_penalty must be greater than 0 and at most 10")
+        for name in ("top_k", "max_tokens"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer")
+        check(self.top_k >= 0, "top_k must be 0 (no limit) or more")
+        check(self.max_tokens >= 1, "max_tokens must be at least 1")
+        check(
+            isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+            "stop must be a list of non-empty strings",
+        )
+        check(len(self.stop) <= 16, "stop takes at most 16 strings")
+        check(
+            self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
+            "seed must be an integer",
+        )
+        if self.seed is not None:
+            check(0 <= self.seed < 2**32, "seed must be between 0 and 4294967295")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], **defaults: Any) -> SamplingParams:
+        """Build from user-supplied keys (a JSON body, a WebSocket frame).
+
+        Unknown keys are rejected by name so that a typo is not silently ignored.
+        """
+        allowed = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise InvalidRequest(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        values = {**defaults, **data}
+        stop = values.get("stop", ())
+        if isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, list):
+            stop = tuple(stop)
+        values["stop"] = stop
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: Sequence[ChatMessage]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    transport: Transport = "command"
+
+    def __post_init__(self) -> None:
+        if not self.messages:
+            raise InvalidRequest("a request needs at least one message")
+        if self.transport not in TRANSPORTS:
+            raise InvalidRequest(f"unknown transport {self.transport!r}")
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the reply, in order; joined they are the whole reply."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of every stream that started generating."""
+
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: float | None
+    total_time: float
+    queue_time: float
+    error: str | None = None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.time_to_first_token is None or self.completion_tokens < 2:
+            return None
+        decode_time = self.total_time - self.time_to_first_token
+        return (self.completion_tokens - 1) / decode_time if decode_time > 0 else None
+
+
+StreamEvent = TextDelta | Finished

@@ -1,0 +1,97 @@
+"""Operational endpoints: liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import hmac
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.http import require_GET
+from django_prometheus.exports import ExportToDjangoView
+
+from inference import registry
+from inference.engine import gpu_offload_supported, llama_cpp_version
+
+
+def _model_states() -> list[dict[str, object]]:
+    engines = registry.loaded_engines()
+    states = []
+    for name, spec in registry.configured_specs().items():
+        engine = engines.get(name)
+        states.append(
+            {
+                "name": name,
+                "default": name == settings.CHATSITE_DEFAULT_MODEL,
+                "loaded": bool(engine and engine.loaded),
+                "gpu_offload": bool(engine and engine.gpu_offload),
+                "running": bool(engine and engine.running),
+                "waiting": engine.waiting if engine else 0,
+                "context_size": spec.context_size,
+            }
+        )
+    return states
+
+
+@require_GET
+async def health(request: HttpRequest) -> JsonResponse:
+    """Liveness: answers at once, reading only in-memory state (never the
+    engine's queue or the database), even while a generation runs."""
+    return JsonResponse(
+        {
+            "status": "ok",
+            "models": _model_states(),
+            "gpu_offload_supported": gpu_offload_supported(),
+            "llama_cpp_python": llama_cpp_version(),
+        }
+    )
+
+
+def _database_answers() -> bool:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return True
+    except Exception:
+        return False
+    finally:
+        # Runs in a worker thread: do not keep a connection per thread.
+        connection.close()
+
+
+@require_GET
+async def ready(request: HttpRequest) -> JsonResponse:
+    """Readiness: the database answers and the default model is loaded or can
+    be loaded without a download, and its queue has room."""
+    reasons = []
+    if not await sync_to_async(_database_answers, thread_sensitive=False)():
+        reasons.append("the database does not answer")
+    try:
+        spec = registry.get_spec()
+        engine = registry.loaded_engines().get(spec.name)
+        if engine is None or not engine.loaded:
+            available = await sync_to_async(spec.source.is_available_locally, thread_sensitive=False)()
+            if not available:
+                reasons.append(f"the default model's file is missing ({spec.source.describe()})")
+        elif engine.saturated:
+            reasons.append("the default model's queue is full")
+    except Exception as exc:
+        reasons.append(f"the model configuration is invalid: {exc}")
+    if reasons:
+        return JsonResponse({"status": "unavailable", "reasons": reasons}, status=503)
+    return JsonResponse({"status": "ready"})
+
+
+@require_GET
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus exposition, behind a bearer token when one is configured."""
+    token = settings.CHATSITE_METRICS_TOKEN
+    if token:
+        supplied = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(supplied.encode(), f"Bearer {token}".encode()):
+            response = HttpResponse("metrics need a bearer token\n", status=401, content_type="text/plain")
+            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+    exposition: HttpResponse = ExportToDjangoView(request)
+    return exposition

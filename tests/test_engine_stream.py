@@ -1,0 +1,123 @@
+"""The engine streams real tokens from the bundled model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from inference.engine import Engine
+from inference.types import ContextLengthExceeded, EngineBusy, Finished, TextDelta
+from tests.conftest import collect, greedy, make_engine
+
+
+async def test_it_streams_real_tokens_with_counts_and_timings(engine: Engine) -> None:
+    deltas = []
+    async for event in engine.stream(greedy("What is the capital of France?", max_tokens=32)):
+        deltas.append(event)
+    *texts, final = deltas
+    assert isinstance(final, Finished)
+    assert texts
+    assert all(isinstance(d, TextDelta) for d in texts)
+    assert "".join(d.text for d in texts).strip()  # type: ignore[union-attr]
+    assert final.reason in ("stop", "length")
+    assert final.prompt_tokens == engine.count_prompt_tokens(
+        greedy("What is the capital of France?").messages
+    )
+    assert 0 < final.completion_tokens <= 32
+    assert final.time_to_first_token is not None
+    assert 0 < final.time_to_first_token <= final.total_time
+
+
+async def test_it_gives_the_same_text_twice_with_a_seed_and_temperature_zero(engine: Engine) -> None:
+    request = greedy("Write a haiku about the sea.", max_tokens=40)
+    first, _ = await collect(engine, request)
+    await collect(engine, greedy("Something else entirely, to move the cache.", max_tokens=8))
+    second, _ = await collect(engine, request)
+    assert first
+    assert first == second
+
+
+async def test_it_stops_at_max_tokens_with_length(engine: Engine) -> None:
+    text, final = await collect(engine, greedy("Count from 1 to 100, separated by commas.", max_tokens=5))
+    assert final.reason == "length"
+    assert final.completion_tokens == 5
+    assert text
+
+
+async def test_it_stops_at_a_stop_string_without_emitting_it(engine: Engine) -> None:
+    full, _ = await collect(engine, greedy("Count from 1 to 20, separated by commas.", max_tokens=60))
+    assert "5" in full
+    text, final = await collect(
+        engine, greedy("Count from 1 to 20, separated by commas.", max_tokens=60, stop=("5",))
+    )
+    assert final.reason == "stop"
+    assert "5" not in text
+    assert full.startswith(text)
+
+
+async def test_it_serves_two_requests_sent_at_once_as_if_alone(engine: Engine) -> None:
+    first = greedy("Name three colours.", max_tokens=24)
+    second = greedy("Name three animals.", max_tokens=24)
+    alone = [await collect(engine, first), await collect(engine, second)]
+    together = await asyncio.gather(collect(engine, first), collect(engine, second))
+    assert [text for text, _ in together] == [text for text, _ in alone]
+    assert all(final.reason in ("stop", "length") for _, final in together)
+
+
+async def test_it_refuses_a_prompt_longer_than_the_context_before_any_token() -> None:
+    small = make_engine(context_size=128)
+    try:
+        generation = small.stream(greedy("tell me about the sea " * 60))
+        with pytest.raises(ContextLengthExceeded) as raised:
+            await generation.__anext__()  # the very first event is the error
+        assert raised.value.prompt_tokens > 128
+        assert f"at most {raised.value.limit} prompt tokens" in str(raised.value)
+        assert f"{raised.value.prompt_tokens} tokens long" in str(raised.value)
+        text, final = await collect(small, greedy("Hi!", max_tokens=8))
+        assert final.reason in ("stop", "length")
+        assert text
+    finally:
+        small.close()
+
+
+async def test_it_ends_with_length_when_the_context_fills() -> None:
+    small = make_engine(context_size=128)
+    try:
+        prompt_tokens = small.count_prompt_tokens(greedy("Write a long story about a dragon.").messages)
+        _, final = await collect(small, greedy("Write a long story about a dragon.", max_tokens=500))
+        assert final.reason in ("stop", "length")
+        assert final.prompt_tokens + final.completion_tokens <= 128
+        assert final.prompt_tokens == prompt_tokens
+    finally:
+        small.close()
+
+
+async def test_it_refuses_one_more_request_when_the_queue_is_full() -> None:
+    busy = make_engine(queue_size=1)
+    try:
+        running = busy.stream(greedy("Write a long story about a dragon.", max_tokens=400))
+        first = await running.__anext__()  # generating now, so the queue is empty
+        assert isinstance(first, TextDelta)
+        waiting = busy.stream(greedy("Hello!", max_tokens=4))
+        with pytest.raises(EngineBusy, match="busy"):
+            busy.stream(greedy("One too many.", max_tokens=4))
+        assert busy.saturated
+        running.cancel()
+        events = [event async for event in running]
+        assert isinstance(events[-1], Finished)
+        assert events[-1].reason == "cancelled"
+        _, final = await _drain(waiting)
+        assert final.reason in ("stop", "length")
+    finally:
+        busy.close()
+
+
+async def _drain(generation: object) -> tuple[str, Finished]:
+    text = []
+    async for event in generation:  # type: ignore[attr-defined]
+        if isinstance(event, TextDelta):
+            text.append(event.text)
+        else:
+            return "".join(text), event
+    raise AssertionError("no Finished event")
