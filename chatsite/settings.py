@@ -140,3 +140,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # A bearer token that /metrics requires; empty leaves /metrics open.
 CHATSITE_METRICS_TOKEN = config.get_str("metrics.token", "")
+
+# --- Conversations -----------------------------------------------------------
+# The prompt keeps at most this many of the most recent messages of the shown
+# branch (20 in the original service), before trimming to the context window.
+CHATSITE_MAX_HISTORY_MESSAGES = config.get_int("chat.max_history_messages", 20, minimum=1)
