@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from prometheus_client import REGISTRY
+
 from inference.engine import Engine
 from inference.types import Finished, TextDelta
 from tests.conftest import collect, greedy
@@ -37,7 +39,13 @@ async def test_it_stops_within_a_few_tokens_of_a_cancel_and_serves_the_next(engi
     assert again == reference
 
 
+def cancelled_count(engine: Engine) -> float:
+    labels = {"model": engine.spec.name, "transport": "command", "outcome": "cancelled"}
+    return REGISTRY.get_sample_value("chatsite_requests_total", labels) or 0.0
+
+
 async def test_it_cancels_when_the_consumer_task_goes_away(engine: Engine) -> None:
+    cancelled_before = cancelled_count(engine)
     started = asyncio.Event()
 
     async def consume() -> None:
@@ -53,9 +61,12 @@ async def test_it_cancels_when_the_consumer_task_goes_away(engine: Engine) -> No
     text, final = await collect(engine, greedy("Say hello.", max_tokens=8))
     assert final.reason in ("stop", "length")
     assert text
+    # The abandoned request ended as cancelled (FIFO: before the one above).
+    assert cancelled_count(engine) == cancelled_before + 1
 
 
 async def test_it_cancels_when_the_consumer_leaves_the_context_manager(engine: Engine) -> None:
+    cancelled_before = cancelled_count(engine)
     async with engine.stream(greedy(LONG, max_tokens=400)) as generation:
         async for event in generation:
             if isinstance(event, TextDelta):
@@ -63,3 +74,4 @@ async def test_it_cancels_when_the_consumer_leaves_the_context_manager(engine: E
     _, final = await collect(engine, greedy("Say hello.", max_tokens=8))
     assert final.reason in ("stop", "length")
     assert not engine.running
+    assert cancelled_count(engine) == cancelled_before + 1
