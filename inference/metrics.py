@@ -202,7 +202,7 @@ def _mark_this_process_dead() -> None:
     # Drops this process's share of the live gauges (running, waiting, loaded).
     directory = multiprocess_dir()
     if directory is not None and directory.exists():
-        multiprocess.mark_process_dead(os.getpid(), str(directory))
+        multiprocess.mark_process_dead(os.getpid(), str(directory))  # type: ignore[no-untyped-call]
 
 
 if multiprocess_dir() is not None:

@@ -1,0 +1,45 @@
+"""The Grafana dashboard in docs/ refers only to metrics the service exports."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from django.test import Client
+
+from tests.metrics_helpers import Scrape
+from tests.processes import ROOT
+
+SUFFIXES = ("_bucket", "_count", "_sum", "_total")
+
+
+def base_name(name: str) -> str:
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def test_it_is_valid_json_and_uses_only_exported_metrics(client: Client) -> None:
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    referenced = {
+        base_name(name) for expr in expressions for name in re.findall(r"\b(?:chatsite|django)_\w+", expr)
+    }
+
+    exposition = client.get("/metrics").content.decode()
+    families = set(re.findall(r"^# TYPE (\w+) ", exposition, flags=re.MULTILINE))
+    exported = {base_name(name) for name in families} | {
+        base_name(name) for name in Scrape(exposition).names()
+    }
+
+    assert referenced <= exported, referenced - exported
+    histograms = {
+        "chatsite_time_to_first_token_seconds",
+        "chatsite_inter_token_latency_seconds",
+        "chatsite_e2e_request_latency_seconds",
+        "chatsite_request_queue_time_seconds",
+        "chatsite_request_prompt_tokens",
+        "chatsite_request_generation_tokens",
+    }
+    assert histograms <= referenced
