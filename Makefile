@@ -64,7 +64,7 @@ static: install
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 
 run: migrate static
-	$(BIN)/python manage.py check --deploy --fail-level ERROR
+	$(BIN)/python manage.py check
 	@echo "chatsite on http://$(HOST):$(PORT)/ (Ctrl-C stops it)"
 	$(BIN)/daphne --bind $(HOST) --port $(PORT) chatsite.asgi:application
 
