@@ -1,0 +1,132 @@
+"""Conversations and their messages, kept as a tree.
+
+A conversation never loses a message: editing a user message or regenerating
+a reply adds a sibling under the same parent, and the conversation remembers
+which leaf ends the branch it currently shows (``current_leaf``). Reading that
+branch is done by :mod:`chat.selectors`; every write goes through
+:mod:`chat.services`.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django_prometheus.models import ExportModelOperationsMixin
+
+
+class Conversation(ExportModelOperationsMixin("conversation"), models.Model):  # type: ignore[misc]
+    """A conversation of one owner with one model.
+
+    The owner is a user, or (nobody logged in) the key of an anonymous browser
+    session; conversations imported from a ``sessions.json`` of the original
+    service have neither and are reachable from the admin only.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="conversations",
+    )
+    session_key = models.CharField(
+        max_length=40,
+        blank=True,
+        db_index=True,
+        help_text="The anonymous browser session that owns the conversation, when no user does.",
+    )
+    # The session id of a conversation imported from sessions.json, kept so that
+    # exporting gives the same ids back and importing again recognises it.
+    external_id = models.CharField(
+        "session id",
+        max_length=255,
+        unique=True,
+        null=True,
+        blank=True,
+        help_text="The id this conversation had in an imported sessions.json file.",
+    )
+    title = models.CharField(max_length=200, blank=True)
+    model_name = models.CharField("model", max_length=100)
+    system_prompt = models.TextField(blank=True)
+    # Set explicitly by the services (not auto_now) so that an import keeps the
+    # times of the file it reads.
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now, db_index=True)
+    current_leaf = models.ForeignKey(
+        "Message",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The message that ends the branch the conversation shows.",
+    )
+
+    class Meta:
+        ordering = ["-updated_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(owner__isnull=True) | Q(session_key=""),
+                name="conversation_owner_or_session_key",
+                violation_error_message="A conversation belongs to a user or to a session, not both.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.title or f"Conversation {self.session_id}"
+
+    @property
+    def session_id(self) -> str:
+        """The id this conversation has in a sessions.json file and in the API."""
+        return self.external_id or str(self.id)
+
+
+class Message(ExportModelOperationsMixin("message"), models.Model):  # type: ignore[misc]
+    """One message; ``parent`` links it into its conversation's tree."""
+
+    class Role(models.TextChoices):
+        SYSTEM = "system"
+        USER = "user"
+        ASSISTANT = "assistant"
+
+    class Status(models.TextChoices):
+        COMPLETE = "complete"
+        # The reply is being generated: the row exists from the first token on.
+        STREAMING = "streaming"
+        # The person stopped the reply; what was generated is kept.
+        STOPPED = "stopped"
+        ERROR = "error"
+        # The process ended while the reply was streaming (found at start-up).
+        INTERRUPTED = "interrupted"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children"
+    )
+    role = models.CharField(max_length=16, choices=Role.choices)
+    content = models.TextField(blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
+    model_name = models.CharField(
+        "model", max_length=100, blank=True, help_text="The model that wrote this reply."
+    )
+    # The engine's reason for ending a reply: stop, length, cancelled or error.
+    finish_reason = models.CharField(max_length=16, blank=True)
+    error = models.TextField(blank=True, help_text="Why the reply ended with an error.")
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    time_to_first_token = models.FloatField(null=True, blank=True, help_text="Seconds.")
+    tokens_per_second = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["conversation", "created_at"]), models.Index(fields=["status"])]
+
+    def __str__(self) -> str:
+        text = " ".join(self.content.split())
+        return f"{self.role}: {text[:60]}{'…' if len(text) > 60 else ''}"

@@ -1,0 +1,240 @@
+"""Every write to conversations and messages.
+
+Functions take keyword-only arguments and run in a transaction. A message is
+never overwritten by the person's actions: editing a user message or
+regenerating a reply adds a sibling under the same parent, and the
+conversation's ``current_leaf`` says which branch is shown.
+
+A reply is a row from its first token on (:func:`do_start_reply`), grows with
+:func:`do_append_to_reply` and is closed by :func:`do_finish_reply`, so a crash
+or a disconnect loses nothing that was streamed; at start-up
+:func:`do_mark_interrupted_replies` closes what a dead process left streaming.
+"""
+
+from __future__ import annotations
+
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import transaction
+from django.db.models import F, TextField, Value
+from django.db.models.functions import Concat
+from django.utils import timezone
+
+from chat.models import Conversation, Message
+from chat.selectors import MessageTree, message_tree
+
+# The statuses a finished reply may end with.
+FINAL_STATUSES = (Message.Status.COMPLETE, Message.Status.STOPPED, Message.Status.ERROR)
+TITLE_MAX_LENGTH = Conversation._meta.get_field("title").max_length or 200
+
+
+def _touch(conversation: Conversation, **changes: object) -> None:
+    """Save ``changes`` and the new ``updated_at`` on the conversation."""
+    for name, value in changes.items():
+        setattr(conversation, name, value)
+    conversation.updated_at = timezone.now()
+    conversation.save(update_fields=[*changes, "updated_at"])
+
+
+def _check_belongs(message: Message | None, conversation: Conversation) -> None:
+    if message is not None and message.conversation_id != conversation.pk:
+        raise ValueError(f"message {message.pk} is not part of conversation {conversation.pk}")
+
+
+@transaction.atomic
+def do_start_conversation(
+    *,
+    model_name: str,
+    owner: AbstractBaseUser | None = None,
+    session_key: str = "",
+    title: str = "",
+    system_prompt: str = "",
+) -> Conversation:
+    """A new, empty conversation of a user or (no user) of an anonymous session."""
+    if owner is not None and session_key:
+        raise ValueError("a conversation belongs to a user or to a session, not both")
+    if not model_name:
+        raise ValueError("a conversation needs a model")
+    now = timezone.now()
+    return Conversation.objects.create(
+        owner_id=owner.pk if owner is not None else None,
+        session_key=session_key,
+        model_name=model_name,
+        title=title.strip()[:TITLE_MAX_LENGTH],
+        system_prompt=system_prompt,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+@transaction.atomic
+def do_add_user_message(
+    *, conversation: Conversation, content: str, parent: Message | None = None
+) -> Message:
+    """Add what the person says after ``parent`` (by default the end of the
+    shown branch); the new message becomes the end of the shown branch."""
+    if not content.strip():
+        raise ValueError("a message needs some text")
+    _check_belongs(parent, conversation)
+    parent_id = parent.pk if parent is not None else conversation.current_leaf_id
+    message = Message.objects.create(
+        conversation=conversation, parent_id=parent_id, role=Message.Role.USER, content=content
+    )
+    _touch(conversation, current_leaf=message)
+    return message
+
+
+@transaction.atomic
+def do_start_reply(*, conversation: Conversation, parent: Message, model_name: str = "") -> Message:
+    """Create the assistant's reply to ``parent``, empty and streaming, and
+    show it. ``model_name`` defaults to the conversation's model."""
+    _check_belongs(parent, conversation)
+    message = Message.objects.create(
+        conversation=conversation,
+        parent=parent,
+        role=Message.Role.ASSISTANT,
+        status=Message.Status.STREAMING,
+        model_name=model_name or conversation.model_name,
+    )
+    _touch(conversation, current_leaf=message)
+    return message
+
+
+def do_append_to_reply(*, message: Message, text: str) -> bool:
+    """Append streamed text to a reply, in the database and on ``message``.
+
+    One UPDATE, done by the database (no read-modify-write), and only while
+    the reply is still streaming. Returns False when it no longer is (it was
+    finished or marked interrupted): the caller should stop generating. Each
+    call is one write, so a caller may join a few deltas before calling.
+    """
+    if not text:
+        return True
+    updated = Message.objects.filter(pk=message.pk, status=Message.Status.STREAMING).update(
+        content=Concat(F("content"), Value(text), output_field=TextField())
+    )
+    if updated:
+        message.content += text
+    return bool(updated)
+
+
+@transaction.atomic
+def do_finish_reply(
+    *,
+    message: Message,
+    status: str,
+    finish_reason: str = "",
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    time_to_first_token: float | None = None,
+    tokens_per_second: float | None = None,
+    error: str = "",
+) -> Message:
+    """Close a streaming reply as complete, stopped or error, with its counts.
+
+    ``message`` is reloaded (its content is what the database holds). A reply
+    that is no longer streaming (marked interrupted meanwhile) keeps its status
+    and gets only the counts.
+    """
+    if status not in FINAL_STATUSES:
+        raise ValueError(f"a reply finishes as {', '.join(FINAL_STATUSES)}, not {status!r}")
+    current = Message.objects.select_for_update().get(pk=message.pk)
+    if current.status == Message.Status.STREAMING:
+        current.status = status
+    current.finish_reason = finish_reason
+    current.prompt_tokens = prompt_tokens
+    current.completion_tokens = completion_tokens
+    current.time_to_first_token = time_to_first_token
+    current.tokens_per_second = tokens_per_second
+    current.error = error
+    current.save(
+        update_fields=[
+            "status",
+            "finish_reason",
+            "prompt_tokens",
+            "completion_tokens",
+            "time_to_first_token",
+            "tokens_per_second",
+            "error",
+        ]
+    )
+    Conversation.objects.filter(pk=current.conversation_id).update(updated_at=timezone.now())
+    return current
+
+
+def do_mark_interrupted_replies() -> int:
+    """Mark every reply still streaming as interrupted; returns how many.
+
+    For start-up: a reply left streaming was being written by a process that
+    died. It keeps what was streamed and is never generated again on its own.
+    With several front ends on one database, call it only when no other
+    process can be streaming (it cannot tell their replies from dead ones).
+    """
+    return Message.objects.filter(status=Message.Status.STREAMING).update(status=Message.Status.INTERRUPTED)
+
+
+@transaction.atomic
+def do_edit_user_message(*, message: Message, content: str) -> Message:
+    """Edit a user message: a new sibling with the new text, under the same
+    parent, becomes the end of the shown branch (start its reply next with
+    :func:`do_start_reply`). The old message and its replies stay."""
+    if message.role != Message.Role.USER:
+        raise ValueError("only a user message can be edited")
+    if not content.strip():
+        raise ValueError("a message needs some text")
+    edited = Message.objects.create(
+        conversation_id=message.conversation_id,
+        parent_id=message.parent_id,
+        role=Message.Role.USER,
+        content=content,
+    )
+    _touch(message.conversation, current_leaf=edited)
+    return edited
+
+
+@transaction.atomic
+def do_regenerate_reply(*, message: Message, model_name: str = "") -> Message:
+    """Start a new reply beside ``message`` (same parent), streaming and shown.
+
+    The earlier reply stays as a sibling. ``model_name`` defaults to the
+    conversation's model.
+    """
+    if message.role != Message.Role.ASSISTANT:
+        raise ValueError("only a reply can be regenerated")
+    if message.parent is None:
+        raise ValueError("a reply at the start of a conversation has nothing to answer")
+    return do_start_reply(conversation=message.conversation, parent=message.parent, model_name=model_name)
+
+
+@transaction.atomic
+def do_switch_to_sibling(*, message: Message) -> Message:
+    """Show the branch through ``message``: it follows the message down to its
+    most recently created leaf. Returns that leaf."""
+    conversation = message.conversation
+    tree: MessageTree = message_tree(conversation)
+    leaf = tree.newest_leaf_under(message.id)
+    assert leaf is not None  # the message itself is in its tree
+    _touch(conversation, current_leaf=leaf)
+    return leaf
+
+
+@transaction.atomic
+def do_rename_conversation(*, conversation: Conversation, title: str) -> None:
+    _touch(conversation, title=title.strip()[:TITLE_MAX_LENGTH])
+
+
+@transaction.atomic
+def do_delete_conversation(*, conversation: Conversation) -> None:
+    """Delete the conversation and all its messages."""
+    conversation.delete()
+
+
+@transaction.atomic
+def do_claim_session_conversations(*, session_key: str, user: AbstractBaseUser) -> int:
+    """Give the conversations of an anonymous session to the user who just
+    logged in from it; returns how many. Call it with the key the session had
+    before login (Django changes the key on login)."""
+    if not session_key:
+        return 0
+    return Conversation.objects.filter(owner__isnull=True, session_key=session_key).update(
+        owner_id=user.pk, session_key=""
+    )
