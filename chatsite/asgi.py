@@ -20,6 +20,9 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
+from chat.startup import recover_interrupted_replies  # noqa: E402
+
+recover_interrupted_replies()
 
 application = ProtocolTypeRouter(
     {
