@@ -1,0 +1,177 @@
+"""An operator browses, searches, exports and deletes conversations in the admin."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from chat import services
+from chat.models import Conversation, Message
+from tests.base import add_reply, make_conversation, make_operator, make_user
+
+pytestmark = [
+    pytest.mark.django_db,
+    # WhiteNoise notes that collectstatic has not run; these pages need no static files.
+    pytest.mark.filterwarnings("ignore:No directory at:UserWarning"),
+]
+
+CHANGELIST = reverse("admin:chat_conversation_changelist")
+
+
+@pytest.fixture(autouse=True)
+def plain_static_files(settings) -> None:
+    """Admin pages link static files; the manifest exists only after collectstatic."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+
+@pytest.fixture
+def operator_client() -> Client:
+    client = Client()
+    client.force_login(make_operator())
+    return client
+
+
+def make_conversations(count: int, start: int = 0) -> None:
+    alice = make_user(f"alice{start}")
+    for i in range(start, start + count):
+        _, (_, answer) = make_conversation(
+            f"question {i}",
+            f"the answer is {i}",
+            title=f"Conversation {i}",
+            owner=alice if i % 2 else None,
+            session_key="" if i % 2 else f"session-{i}",
+        )
+        # A second version of each reply: more rows per conversation to join.
+        regenerated = services.do_regenerate_reply(message=answer)
+        services.do_append_to_reply(message=regenerated, text=f"another answer {i}")
+        services.do_finish_reply(message=regenerated, status=Message.Status.COMPLETE)
+
+
+def queries_for(client: Client, url: str) -> int:
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(url)
+    assert response.status_code == 200
+    return len(captured.captured_queries)
+
+
+@pytest.mark.parametrize("query", ["", "?q=answer", "?model_name=smollm2-135m&o=4"])
+def test_it_lists_conversations_in_a_constant_number_of_queries(
+    operator_client: Client, django_assert_num_queries, query: str
+) -> None:
+    make_conversations(3)
+    few = queries_for(operator_client, CHANGELIST + query)
+    make_conversations(20, start=3)
+    with django_assert_num_queries(few):
+        response = operator_client.get(CHANGELIST + query)
+    assert response.status_code == 200
+    assert "23 conversations" in response.content.decode()
+
+
+def test_it_shows_title_owner_model_message_count_and_time(operator_client: Client) -> None:
+    make_conversations(2)
+    page = operator_client.get(CHANGELIST).content.decode()
+    assert "Conversation 0" in page
+    assert "anonymous session" in page
+    assert "alice0" in page
+    assert "smollm2-135m" in page
+    # Three messages each: a question and two versions of its reply.
+    assert '<td class="field-message_count">3</td>' in page
+
+
+def test_it_searches_titles_and_message_text_without_duplicates(operator_client: Client) -> None:
+    make_conversations(5)
+    make_conversation("Where is the 猫?", "On the mat.", "And the dog?", "Also on the mat.", title="Pets")
+
+    page = operator_client.get(CHANGELIST, {"q": "mat"}).content.decode()
+    assert "Pets" in page
+    assert page.count('<td class="field-message_count">4</td>') == 1
+    assert "Conversation 1" not in page
+    assert "1 result" in page
+
+    assert "Pets" in operator_client.get(CHANGELIST, {"q": "猫"}).content.decode()
+    page = operator_client.get(CHANGELIST, {"q": "Conversation 3"}).content.decode()
+    assert "Conversation 3" in page
+    assert "Pets" not in page
+
+
+def test_it_shows_the_messages_of_a_conversation_in_tree_order_with_branch_and_status(
+    operator_client: Client,
+) -> None:
+    conversation, (_, a1) = make_conversation("<script>alert(1)</script>", "First reply")
+    second = services.do_regenerate_reply(message=a1)
+    services.do_append_to_reply(message=second, text="Second reply")
+    services.do_finish_reply(message=second, status=Message.Status.STOPPED)
+
+    response = operator_client.get(reverse("admin:chat_conversation_change", args=[conversation.pk]))
+    page = response.content.decode()
+
+    assert response.status_code == 200
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>alert(1)</script>" not in page
+    table = page[page.index('<table class="chat-messages-tree"') :]
+    assert table.index("&lt;script&gt;") < table.index("First reply") < table.index("Second reply")
+    assert "1/2" in page
+    assert "2/2" in page
+    assert "Stopped" in page
+    assert "On the shown branch" in page
+
+
+def test_it_deletes_a_conversation_with_its_messages(operator_client: Client) -> None:
+    conversation, _ = make_conversation("a", "b", "c")
+    url = reverse("admin:chat_conversation_delete", args=[conversation.pk])
+    assert operator_client.get(url).status_code == 200
+    response = operator_client.post(url, {"post": "yes"})
+    assert response.status_code == 302
+    assert not Conversation.objects.exists()
+    assert not Message.objects.exists()
+
+
+def test_it_exports_the_selected_conversations_to_a_sessions_json_download(operator_client: Client) -> None:
+    chosen, _ = make_conversation("keep me", "ok", title="Chosen")
+    make_conversation("not me", title="Other")
+
+    response = operator_client.post(
+        CHANGELIST, {"action": "export_full", "_selected_action": [str(chosen.pk)], "index": 0}
+    )
+    assert response.status_code == 200
+    assert response["Content-Disposition"] == 'attachment; filename="sessions.json"'
+    data = json.loads(response.content)
+    assert [c["title"] for c in data["conversations"]] == ["Chosen"]
+    assert [m["content"] for m in data["conversations"][0]["messages"]] == ["keep me", "ok"]
+
+    response = operator_client.post(
+        CHANGELIST, {"action": "export_original", "_selected_action": [str(chosen.pk)], "index": 0}
+    )
+    assert json.loads(response.content) == {
+        str(chosen.pk): [{"role": "user", "content": "keep me"}, {"role": "assistant", "content": "ok"}]
+    }
+
+
+def test_it_lists_and_searches_messages(operator_client: Client, django_assert_max_num_queries) -> None:
+    conversation, (question,) = make_conversation("find the needle", title="Haystack")
+    add_reply(conversation, question, "here it is", status=Message.Status.STOPPED)
+    url = reverse("admin:chat_message_changelist")
+    with django_assert_max_num_queries(12):
+        page = operator_client.get(url, {"q": "needle"}).content.decode()
+    assert "find the needle" in page
+    assert "here it is" not in page
+    page = operator_client.get(url, {"status__exact": "stopped"}).content.decode()
+    assert "here it is" in page
+    assert "Haystack" in page
+    message = Message.objects.get(content="here it is")
+    assert operator_client.get(reverse("admin:chat_message_change", args=[message.pk])).status_code == 200
+
+
+def test_it_keeps_the_admin_from_people_who_are_not_staff() -> None:
+    client = Client()
+    client.force_login(make_user("mallory"))
+    response = client.get(CHANGELIST)
+    assert response.status_code == 302
