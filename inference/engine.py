@@ -3,10 +3,12 @@
 Threading contract
 ------------------
 * A llama.cpp context is not thread-safe. Each :class:`Engine` runs one worker
-  thread, and only that thread decodes, samples or touches the KV cache.
+  thread, and only that thread decodes, samples, touches the KV cache or frees
+  the model.
 * Requests wait their turn in a FIFO queue of ``queue_size`` places. When the
   worker is busy and every place is taken, :meth:`Engine.stream` raises
   :class:`EngineBusy` at once instead of letting the caller wait unbounded.
+  A request cancelled while it waits leaves the queue at once.
 * The weights load lazily, on the first request or the first token count, under
   ``_load_lock``. Tokenizing reads only the model's vocabulary, which llama.cpp
   never changes after loading, so :meth:`count_prompt_tokens` may run on any
@@ -24,6 +26,9 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import ctypes
+import functools
+import importlib.metadata
 import logging
 import os
 import threading
@@ -65,15 +70,15 @@ PREFILL_CHUNK = 64
 _CLOSE = object()
 
 
+@functools.cache
 def llama_cpp_version() -> str:
-    import importlib.metadata
-
     try:
         return importlib.metadata.version("llama-cpp-python")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover
         return "not installed"
 
 
+@functools.cache
 def gpu_offload_supported() -> bool:
     """Whether this llama-cpp-python build can put layers on a GPU."""
     import llama_cpp
@@ -81,14 +86,68 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
+def gpu_layers_for(setting: int | str, *, offload_supported: bool) -> int:
+    """llama.cpp's ``n_gpu_layers`` for a model's ``gpu_layers`` setting:
+    every layer (-1) for "auto" on a GPU build, the number asked for otherwise,
+    and none on a build without GPU offload."""
+    if not offload_supported:
+        return 0
+    if setting == "auto":
+        return -1
+    assert isinstance(setting, int)
+    return setting
+
+
+class _Vocabulary:
+    """The parts of llama-cpp-python's model this module needs beyond its
+    public API, in one place: end-of-generation tokens and token pieces."""
+
+    def __init__(self, llama: Llama) -> None:
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        self._vocab = llama._model.vocab
+        self._buffer = ctypes.create_string_buffer(64)
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (special tokens render as nothing).
+
+        llama-cpp-python's own ``detokenize`` uses a 32-byte buffer and drops
+        longer pieces (runs of spaces in code, Markdown rules); this asks again
+        with the size llama.cpp says it needs.
+        """
+        size = self._llama_cpp.llama_token_to_piece(
+            self._vocab, token, self._buffer, len(self._buffer), 0, False
+        )
+        if size < 0:
+            self._buffer = ctypes.create_string_buffer(-size)
+            size = self._llama_cpp.llama_token_to_piece(
+                self._vocab, token, self._buffer, len(self._buffer), 0, False
+            )
+        return self._buffer.raw[:size]
+
+    def token_text(self, token: int) -> str:
+        if token == -1:
+            return ""
+        return str(self._llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace"))
+
+
 @dataclass
 class _Job:
+    """One request, with its progress as the worker makes it."""
+
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[StreamEvent | InferenceError]
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
+    first_token_at: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class Generation:
@@ -101,13 +160,14 @@ class Generation:
     :meth:`cancel`, to stop generation early.
     """
 
-    def __init__(self, job: _Job) -> None:
+    def __init__(self, engine: Engine, job: _Job) -> None:
+        self._engine = engine
         self._job = job
         self._done = False
 
     def cancel(self) -> None:
-        """Ask the worker to stop; the stream then ends with ``cancelled``."""
-        self._job.cancelled.set()
+        """Stop the request; its stream then ends with ``cancelled``."""
+        self._engine._cancel(self._job)
 
     def __aiter__(self) -> Generation:
         return self
@@ -144,20 +204,25 @@ class Generation:
         # A consumer that stops iterating and drops the stream cancels it.
         if not self._done:
             self._job.cancelled.set()
+            self.cancel()
 
 
 class Engine:
     """Serves generation requests for one model, one at a time, in FIFO order."""
 
-    def __init__(self, spec: ModelSpec, *, queue_size: int) -> None:
+    def __init__(self, spec: ModelSpec, *, queue_size: int, n_threads: int = 0) -> None:
         self.spec = spec
         self.queue_size = queue_size
+        # The model's own setting, else the service's, else one per core.
+        self.n_threads = spec.n_threads or n_threads or os.cpu_count() or 1
         self._llama: Llama | None = None
+        self._vocabulary: _Vocabulary | None = None
         self._formatter: Callable[..., Any] | None = None
         self._load_lock = threading.Lock()
+        # An RLock (Condition's default): Generation.__del__ may run while this
+        # thread already holds it.
         self._condition = threading.Condition()
         self._waiting: collections.deque[_Job | object] = collections.deque()
-        self._running = False
         self._current: _Job | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -179,7 +244,8 @@ class Engine:
 
     @property
     def n_ctx(self) -> int:
-        return self.spec.context_size
+        llama = self._llama
+        return llama.n_ctx() if llama is not None else self.spec.context_size
 
     @property
     def waiting(self) -> int:
@@ -188,7 +254,7 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        return self._running
+        return self._current is not None
 
     @property
     def saturated(self) -> bool:
@@ -197,7 +263,7 @@ class Engine:
             return self._is_full()
 
     def _is_full(self) -> bool:
-        places = self.queue_size + (0 if self._running else 1)
+        places = self.queue_size + (0 if self._current is not None else 1)
         return len(self._waiting) >= places
 
     # -- the async API ---------------------------------------------------------
@@ -223,7 +289,7 @@ class Engine:
             metrics.requests_waiting.labels(self.spec.name).inc()
             self._ensure_thread()
             self._condition.notify()
-        return Generation(job)
+        return Generation(self, job)
 
     def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """Tokens the chat template makes of these messages, with the reply's
@@ -236,24 +302,45 @@ class Engine:
         self._ensure_loaded()
 
     def close(self) -> None:
-        """Stop the worker once its current request ends, and free the model."""
+        """Cancel every request, stop the worker and free the model.
+
+        The worker frees the model itself when it takes the close marker, so
+        the model is never freed under a running request.
+        """
         with self._condition:
             if self._closed:
                 return
             self._closed = True
-            pending = [job for job in self._waiting if isinstance(job, _Job)]
-            self._waiting.clear()
-            metrics.requests_waiting.labels(self.spec.name).dec(len(pending))
+            pending = self._take_waiting(lambda job: True)
             self._waiting.append(_CLOSE)
             self._condition.notify()
             if self._current is not None:
                 self._current.cancelled.set()
             thread = self._thread
         for job in pending:
-            self._finish(job, "cancelled", prompt_tokens=0, completion_tokens=0, first_token_at=None)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=30)
-        self._free()
+            self._finish(job, "cancelled")
+        if thread is None:
+            self._free()
+        elif thread is not threading.current_thread():
+            thread.join(timeout=60)
+
+    # -- cancelling ------------------------------------------------------------
+
+    def _cancel(self, job: _Job) -> None:
+        job.cancelled.set()
+        with self._condition:
+            removed = self._take_waiting(lambda waiting: waiting is job)
+        for waiting in removed:
+            # It never reached the worker: end it here, freeing its place now.
+            self._finish(waiting, "cancelled")
+
+    def _take_waiting(self, wanted: Callable[[_Job], bool]) -> list[_Job]:
+        """Remove the wanted jobs from the queue (hold ``_condition``)."""
+        taken = [job for job in self._waiting if isinstance(job, _Job) and wanted(job)]
+        if taken:
+            self._waiting = collections.deque(job for job in self._waiting if job not in taken)
+            metrics.requests_waiting.labels(self.spec.name).dec(len(taken))
+        return taken
 
     # -- the worker thread -----------------------------------------------------
 
@@ -271,28 +358,28 @@ class Engine:
                     self._condition.wait()
                 job = self._waiting.popleft()
                 if job is _CLOSE:
-                    return
+                    break
                 assert isinstance(job, _Job)
-                self._running = True
                 self._current = job
+                metrics.requests_waiting.labels(self.spec.name).dec()
             job.started_at = time.monotonic()
-            metrics.requests_waiting.labels(self.spec.name).dec()
             metrics.requests_running.labels(self.spec.name).inc()
             try:
                 self._serve(job)
             except Exception as exc:  # never let one request kill the worker
                 logger.exception("engine %s failed on a request", self.spec.name)
-                self._finish(job, "error", 0, 0, None, error=str(exc) or type(exc).__name__)
+                self._finish(job, "error", error=str(exc) or type(exc).__name__)
             finally:
                 self._release(job)
+        self._free()
 
     def _serve(self, job: _Job) -> None:
         if job.cancelled.is_set():
-            self._finish(job, "cancelled", 0, 0, None)
+            self._finish(job, "cancelled")
             return
         try:
-            prompt, template_stops = self._prompt_tokens(job.request.messages)
             llama = self._ensure_loaded()
+            prompt, template_stops = self._prompt_tokens(job.request.messages)
             if len(prompt) >= llama.n_ctx():
                 raise ContextLengthExceeded(
                     prompt_tokens=len(prompt), limit=llama.n_ctx() - 1, model=self.spec.name
@@ -302,24 +389,26 @@ class Engine:
             self._release(job)
             self._emit(job, exc)
             return
-        n_ctx = llama.n_ctx()
-        params = job.request.params
+        job.prompt_tokens = len(prompt)
         if not self._prefill(llama, prompt, job.cancelled):
-            self._finish(job, "cancelled", len(prompt), 0, None)
+            self._finish(job, "cancelled")
             return
+        reason = self._decode(job, llama, prompt, template_stops)
+        self._finish(job, reason)
 
+    def _decode(
+        self, job: _Job, llama: Llama, prompt: list[int], template_stops: Sequence[str]
+    ) -> FinishReason:
+        """Sample the reply token by token, streaming its text; returns why it ended."""
+        assert self._vocabulary is not None
+        vocabulary = self._vocabulary
+        params = job.request.params
         llama.set_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(4)))
-        max_tokens = min(params.max_tokens, n_ctx - len(prompt))
+        max_tokens = min(params.max_tokens, llama.n_ctx() - len(prompt))
         stops = _StopMatcher((*params.stop, *template_stops))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        import llama_cpp
-
-        vocab = llama._model.vocab
-        history = list(prompt)
-        completion_tokens = 0
-        first_token_at: float | None = None
-        last_token_at = 0.0
         inter_token_latency = metrics.inter_token_latency.labels(self.spec.name)
+        last_token_at = 0.0
         reason: FinishReason = "length"
         tokens = llama.generate(
             prompt,
@@ -332,27 +421,25 @@ class Engine:
         try:
             for token in tokens:
                 now = time.monotonic()
-                if first_token_at is None:
-                    first_token_at = now
+                if job.first_token_at is None:
+                    job.first_token_at = now
                 if job.cancelled.is_set():
                     reason = "cancelled"
                     break
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                if vocabulary.is_end_of_generation(token):
                     reason = "stop"
                     break
-                completion_tokens += 1
-                if completion_tokens > 1:
+                job.completion_tokens += 1
+                if job.completion_tokens > 1:
                     inter_token_latency.observe(now - last_token_at)
                 last_token_at = now
-                piece = llama.detokenize([token], prev_tokens=history)
-                history.append(token)
-                text, stopped = stops.feed(decoder.decode(piece))
+                text, stopped = stops.feed(decoder.decode(vocabulary.piece(token)))
                 if text:
                     self._emit(job, TextDelta(text))
                 if stopped:
                     reason = "stop"
                     break
-                if completion_tokens >= max_tokens:
+                if job.completion_tokens >= max_tokens:
                     reason = "length"
                     break
         finally:
@@ -361,7 +448,7 @@ class Engine:
             tail = stops.flush(decoder.decode(b"", final=True))
             if tail:
                 self._emit(job, TextDelta(tail))
-        self._finish(job, reason, len(prompt), completion_tokens, first_token_at)
+        return reason
 
     def _prefill(self, llama: Llama, prompt: list[int], cancelled: threading.Event) -> bool:
         """Evaluate all but the last prompt token, reusing the KV cache where
@@ -408,7 +495,6 @@ class Engine:
             if self._current is not job:
                 return
             self._current = None
-            self._running = False
         metrics.requests_running.labels(self.spec.name).dec()
 
     # -- events ----------------------------------------------------------------
@@ -420,23 +506,17 @@ class Engine:
             # The caller's loop is closed: nobody is listening any more.
             job.cancelled.set()
 
-    def _finish(
-        self,
-        job: _Job,
-        reason: FinishReason,
-        prompt_tokens: int,
-        completion_tokens: int,
-        first_token_at: float | None,
-        *,
-        error: str | None = None,
-    ) -> None:
+    def _finish(self, job: _Job, reason: FinishReason, *, error: str | None = None) -> None:
+        """Send a job's final event, with what it reached, and count it."""
         now = time.monotonic()
         started = job.started_at if job.started_at is not None else now
         finished = Finished(
             reason=reason,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            time_to_first_token=(first_token_at - job.submitted_at if first_token_at is not None else None),
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=job.completion_tokens,
+            time_to_first_token=(
+                job.first_token_at - job.submitted_at if job.first_token_at is not None else None
+            ),
             total_time=now - job.submitted_at,
             queue_time=started - job.submitted_at,
             error=error,
@@ -445,8 +525,8 @@ class Engine:
             model=self.spec.name,
             transport=job.request.transport,
             reason=reason,
-            prompt=prompt_tokens,
-            completion=completion_tokens,
+            prompt=finished.prompt_tokens,
+            completion=finished.completion_tokens,
             queue_time=finished.queue_time,
             time_to_first=finished.time_to_first_token,
             total_time=finished.total_time,
@@ -474,6 +554,8 @@ class Engine:
         if llama is not None:
             return llama
         with self._load_lock:
+            if self._closed:
+                raise ModelUnavailable(f"model {self.spec.name!r} is shutting down")
             if self._llama is None:
                 self._load()
             assert self._llama is not None
@@ -483,11 +565,7 @@ class Engine:
         from llama_cpp import Llama, llama_chat_format
 
         path = self.spec.source.resolve()
-        if self.spec.gpu_layers == "auto":
-            n_gpu_layers = -1 if gpu_offload_supported() else 0
-        else:
-            n_gpu_layers = self.spec.gpu_layers if gpu_offload_supported() else 0
-        n_threads = self.spec.n_threads or os.cpu_count() or 1
+        n_gpu_layers = gpu_layers_for(self.spec.gpu_layers, offload_supported=gpu_offload_supported())
         started = time.monotonic()
         try:
             llama = Llama(
@@ -495,32 +573,33 @@ class Engine:
                 n_ctx=self.spec.context_size,
                 n_batch=self.spec.n_batch,
                 n_gpu_layers=n_gpu_layers,
-                n_threads=n_threads,
+                n_threads=self.n_threads,
                 verbose=False,
             )
         except Exception as exc:
             raise ModelUnavailable(f"could not load model {self.spec.name!r} from {path}: {exc}") from None
+        vocabulary = _Vocabulary(llama)
         template = llama.metadata.get("tokenizer.chat_template")
         if template:
-            vocab = llama._model
-            eos = vocab.token_get_text(llama.token_eos()) if llama.token_eos() != -1 else ""
-            bos = vocab.token_get_text(llama.token_bos()) if llama.token_bos() != -1 else ""
             self._formatter = llama_chat_format.Jinja2ChatFormatter(
-                template=template, eos_token=eos, bos_token=bos
+                template=template,
+                eos_token=vocabulary.token_text(llama.token_eos()),
+                bos_token=vocabulary.token_text(llama.token_bos()),
             )
         else:
             logger.warning("model %s has no chat template in its GGUF; using ChatML", self.spec.name)
             self._formatter = llama_chat_format.format_chatml
         self.n_gpu_layers = n_gpu_layers
         self.model_path = str(path)
+        self._vocabulary = vocabulary
         self._llama = llama
         metrics.record_model_loaded(model=self.spec.name, gpu_offload=n_gpu_layers != 0, loaded=True)
-        placement = (
-            f"{'all' if n_gpu_layers < 0 else n_gpu_layers} layers on the GPU"
-            if n_gpu_layers
-            else "CPU only"
-            + ("" if gpu_offload_supported() else " (this llama-cpp-python build has no GPU offload)")
-        )
+        if n_gpu_layers:
+            placement = f"{'all' if n_gpu_layers < 0 else n_gpu_layers} layers on the GPU"
+        elif gpu_offload_supported():
+            placement = "CPU only (gpu_layers is 0)"
+        else:
+            placement = "CPU only (this llama-cpp-python build has no GPU offload)"
         logger.info(
             "loaded model %s from %s in %.1fs: %s, context %d, %d threads",
             self.spec.name,
@@ -528,12 +607,13 @@ class Engine:
             time.monotonic() - started,
             placement,
             llama.n_ctx(),
-            n_threads,
+            self.n_threads,
         )
 
     def _free(self) -> None:
         with self._load_lock:
             llama, self._llama = self._llama, None
+            self._vocabulary = None
         if llama is not None:
             llama.close()
             metrics.record_model_loaded(

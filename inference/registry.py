@@ -232,13 +232,18 @@ def get_engine(name: str | None = None) -> Engine:
     from inference.engine import Engine
 
     spec = get_spec(name)
+    replaced = None
     with _engines_lock:
         engine = _engines.get(spec.name)
         if engine is None or engine.spec != spec:
-            if engine is not None:
-                engine.close()
-            engine = _engines[spec.name] = Engine(spec, queue_size=settings.CHATSITE_QUEUE_SIZE)
-        return engine
+            # The model's settings changed (tests override them): a new engine.
+            replaced = engine
+            engine = _engines[spec.name] = Engine(
+                spec, queue_size=settings.CHATSITE_QUEUE_SIZE, n_threads=settings.CHATSITE_N_THREADS
+            )
+    if replaced is not None:
+        replaced.close()  # outside the lock: it waits for the running request
+    return engine
 
 
 def loaded_engines() -> dict[str, Engine]:

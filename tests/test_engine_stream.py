@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from inference.engine import Engine
+from inference.engine import Engine, gpu_layers_for, gpu_offload_supported
 from inference.types import ContextLengthExceeded, EngineBusy, Finished, TextDelta
 from tests.conftest import collect, greedy, make_engine
 
@@ -48,13 +48,59 @@ async def test_it_stops_at_max_tokens_with_length(engine: Engine) -> None:
 async def test_it_stops_at_a_stop_string_without_emitting_it(engine: Engine) -> None:
     full, _ = await collect(engine, greedy("Describe a cat in two sentences.", max_tokens=60))
     words = full.split()
-    assert len(words) > 3
-    stop = " " + words[2]
+    assert len(words) > 4
+    # Two words: a stop string that spans several tokens.
+    stop = f" {words[2]} {words[3]}"
+    assert stop in full
     text, final = await collect(
         engine, greedy("Describe a cat in two sentences.", max_tokens=60, stop=(stop,))
     )
     assert final.reason == "stop"
     assert text == full[: full.index(stop)]
+
+
+async def test_it_streams_chinese_and_emoji_as_whole_characters(engine: Engine) -> None:
+    deltas = []
+    async for event in engine.stream(greedy("请用中文回答：你好吗？🙂", max_tokens=40)):  # noqa: RUF001
+        if isinstance(event, TextDelta):
+            deltas.append(event.text)
+    text = "".join(deltas)
+    assert text
+    # Multi-byte characters split across tokens are held back until complete.
+    assert "\ufffd" not in text
+    assert any(ord(char) > 0x2E80 for char in text)
+
+
+async def test_it_keeps_tokens_longer_than_32_bytes(engine: Engine) -> None:
+    from inference.engine import _Vocabulary
+
+    await asyncio.to_thread(engine.load)
+    assert engine._llama is not None
+    vocabulary = _Vocabulary(engine._llama)
+    text = "def f():\n" + " " * 40 + "return 1\n" + "-" * 64 + "\n"
+    tokens = engine._llama.tokenize(text.encode(), add_bos=False, special=False)
+    pieces = [vocabulary.piece(token) for token in tokens]
+    assert max(len(piece) for piece in pieces) > 32
+    assert b"".join(pieces).decode() == text
+
+
+async def test_it_accepts_a_prompt_one_token_short_of_the_context() -> None:
+    small = make_engine(context_size=128)
+    try:
+        base = await asyncio.to_thread(small.count_prompt_tokens, greedy("a").messages)
+        # Each further " a" is one more token with this tokenizer.
+        prompt = "a" + " a" * (127 - base)
+        request = greedy(prompt, max_tokens=50)
+        assert await asyncio.to_thread(small.count_prompt_tokens, request.messages) == 127
+        _, final = await collect(small, request)
+        assert final.prompt_tokens == 127
+        assert final.reason in ("stop", "length")
+        assert final.completion_tokens <= 1
+        longer = greedy(prompt + " a", max_tokens=50)
+        with pytest.raises(ContextLengthExceeded):
+            await small.stream(longer).__anext__()
+    finally:
+        small.close()
 
 
 async def test_it_serves_two_requests_sent_at_once_as_if_alone(engine: Engine) -> None:
@@ -122,3 +168,19 @@ async def _drain(generation: object) -> tuple[str, Finished]:
         else:
             return "".join(text), event
     raise AssertionError("no Finished event")
+
+
+@pytest.mark.parametrize(
+    ("setting", "supported", "layers"),
+    [("auto", True, -1), ("auto", False, 0), (12, True, 12), (12, False, 0), (0, True, 0), (-1, True, -1)],
+)
+def test_it_puts_every_layer_on_the_gpu_only_when_auto_and_supported(
+    setting: int | str, supported: bool, layers: int
+) -> None:
+    assert gpu_layers_for(setting, offload_supported=supported) == layers
+
+
+async def test_it_reports_where_the_layers_went(engine: Engine) -> None:
+    await asyncio.to_thread(engine.load)
+    assert engine.gpu_offload == gpu_offload_supported()
+    assert engine.n_gpu_layers == (-1 if gpu_offload_supported() else 0)
