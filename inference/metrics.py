@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
+import re
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram, multiprocess
@@ -179,22 +179,26 @@ def multiprocess_dir() -> Path | None:
     return Path(value) if value else None
 
 
+# The files prometheus-client writes in multiprocess mode: <type>_<pid>.db,
+# and gauge_<mode>_<pid>.db.
+_MULTIPROCESS_FILE = re.compile(r"^(counter|histogram|summary|gauge_[a-z]+)_\d+\.db$")
+
+
 def clear_multiprocess_dir() -> Path | None:
-    """Empty the multiprocess directory; run once before the processes start.
+    """Remove prometheus-client's files from the multiprocess directory; run
+    once before the processes start.
 
     Files left by processes of an earlier run would otherwise be added to the
-    new run's counters.
+    new run's counters. Only those files go: a mistyped directory such as
+    ``/tmp`` loses nothing else.
     """
     directory = multiprocess_dir()
     if directory is None:
         return None
-    if directory.exists():
-        for entry in directory.iterdir():
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
     directory.mkdir(parents=True, exist_ok=True)
+    for entry in directory.iterdir():
+        if entry.is_file() and _MULTIPROCESS_FILE.match(entry.name):
+            entry.unlink()
     return directory
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from asgiref.sync import sync_to_async
@@ -38,12 +39,15 @@ def _model_states() -> list[dict[str, object]]:
 async def health(request: HttpRequest) -> JsonResponse:
     """Liveness: answers at once, reading only in-memory state (never the
     engine's queue or the database), even while a generation runs."""
+    # Both are cached after the first call, which imports llama_cpp: off the loop.
+    offload = await asyncio.to_thread(gpu_offload_supported)
+    version = await asyncio.to_thread(llama_cpp_version)
     return JsonResponse(
         {
             "status": "ok",
             "models": _model_states(),
-            "gpu_offload_supported": gpu_offload_supported(),
-            "llama_cpp_python": llama_cpp_version(),
+            "gpu_offload_supported": offload,
+            "llama_cpp_python": version,
         }
     )
 

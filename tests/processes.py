@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -68,9 +67,10 @@ def daphne(env: Mapping[str, str]) -> Iterator[str]:
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(url + "/health", timeout=5):
+                # /metrics, not /health: tests count the requests /health gets.
+                with urllib.request.urlopen(url + "/metrics", timeout=30):
                     break
-            except (urllib.error.URLError, ConnectionError):
+            except OSError:  # refused while starting (URLError, ConnectionError, TimeoutError)
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
                         f"daphne did not start: {process.stderr.read() if process.stderr else ''}"

@@ -7,7 +7,7 @@ from django.test import AsyncClient, Client
 from django.test.utils import override_settings
 
 from inference import registry
-from inference.engine import Engine
+from inference.engine import Engine, gpu_offload_supported
 from inference.types import TextDelta
 from tests.conftest import greedy
 
@@ -20,7 +20,7 @@ def test_it_reports_models_offload_and_version(client: Client) -> None:
     default = next(model for model in body["models"] if model["default"])
     assert default["name"] == registry.get_spec().name
     assert isinstance(default["loaded"], bool)
-    assert body["gpu_offload_supported"] is False  # this machine's build is CPU-only
+    assert body["gpu_offload_supported"] is gpu_offload_supported()
     assert body["llama_cpp_python"].startswith("0.3.")
 
 
@@ -70,3 +70,24 @@ def test_it_protects_metrics_with_a_bearer_token_when_configured(client: Client)
         assert client.get("/metrics").status_code == 401
         assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_it_is_not_ready_while_the_default_models_queue_is_full(
+    engine: Engine, async_client: AsyncClient
+) -> None:
+    assert engine is registry.get_engine()
+    running = engine.stream(greedy("Write a long story about a dragon.", max_tokens=300))
+    assert isinstance(await running.__anext__(), TextDelta)
+    waiting = [engine.stream(greedy(f"Question {n}?", max_tokens=4)) for n in range(engine.queue_size)]
+    try:
+        response = await async_client.get("/ready")
+    finally:
+        for generation in [*waiting, running]:
+            generation.cancel()
+    assert response.status_code == 503
+    assert response.json()["reasons"] == ["the default model's queue is full"]
+    for generation in [*waiting, running]:
+        async for _ in generation:
+            pass
+    assert (await async_client.get("/ready")).status_code == 200
