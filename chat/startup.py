@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
 from django.db import DatabaseError
 
 from chat.services import do_mark_interrupted_replies
@@ -14,10 +15,16 @@ logger = logging.getLogger(__name__)
 def recover_interrupted_replies() -> int:
     """Close the replies a dead process left streaming (marked interrupted).
 
-    Called when the ASGI application starts. The embedded set-up has one
-    process, so any reply still streaming then was cut off. A database that is
-    not migrated yet has nothing to recover and must not stop the start.
+    Called when the ASGI application starts, in the embedded set-up only: with
+    the in-memory channel layer there is one serving process, so a reply still
+    streaming then was cut off. With a shared (Redis) channel layer other front
+    ends may be streaming right now, so the deployment runs
+    ``manage.py mark_interrupted_replies`` once, before its processes start.
+    A database that is not migrated yet has nothing to recover and must not
+    stop the start.
     """
+    if settings.REDIS_URL:
+        return 0
     try:
         count = do_mark_interrupted_replies()
     except DatabaseError as exc:

@@ -40,3 +40,19 @@ def test_it_marks_a_reply_left_streaming_interrupted_and_keeps_its_text(tmp_path
     with daphne(env):
         pass
     assert python(READ, reply_id, env=env) == "interrupted 'Once upon a'"
+
+
+def test_it_leaves_live_replies_alone_when_front_ends_share_a_channel_layer(tmp_path: Path) -> None:
+    env = child_env(
+        CHATSITE_DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        # Another front end may be streaming: only the deploy step may recover.
+        CHATSITE_CHANNELS_REDIS_URL="redis://127.0.0.1:9/0",
+    )
+    manage("migrate", "--noinput", env=env)
+    reply_id = python(CREATE, env=env)
+    with daphne(env):
+        pass
+    assert python(READ, reply_id, env=env) == "streaming 'Once upon a'"
+    result = manage("mark_interrupted_replies", env=env)
+    assert "Marked 1 reply(s) interrupted." in result.stdout
+    assert python(READ, reply_id, env=env) == "interrupted 'Once upon a'"
