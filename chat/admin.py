@@ -8,9 +8,10 @@ through a subquery (a join would multiply rows when searching message text).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
@@ -18,9 +19,9 @@ from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils.safestring import SafeString
 
-from chat import sessions_io
+from chat import services, sessions_io
 from chat.models import Conversation, Message
-from chat.selectors import MessageTree, message_tree, shown_leaf_id
+from chat.selectors import MessageTree, message_tree
 
 if TYPE_CHECKING:
     # ModelAdmin is generic only in django-stubs (django-stubs-ext, which
@@ -47,7 +48,7 @@ class ConversationAdmin(ConversationAdminBase):
         "external_id",
         "title",
         "owner",
-        "session_key",
+        "session_owner",
         "model_name",
         "system_prompt",
         "created_at",
@@ -58,6 +59,9 @@ class ConversationAdmin(ConversationAdminBase):
     readonly_fields = (
         "id",
         "external_id",
+        # A keyed hash of the anonymous session's key, never the key itself;
+        # only the chat services set it.
+        "session_owner",
         "created_at",
         "updated_at",
         "current_leaf",
@@ -87,8 +91,8 @@ class ConversationAdmin(ConversationAdminBase):
     def owner_display(self, conversation: Conversation) -> str:
         if conversation.owner is not None:
             return conversation.owner.get_username()
-        if conversation.session_key:
-            return f"anonymous session …{conversation.session_key[-6:]}"
+        if conversation.session_owner:
+            return f"anonymous session …{conversation.session_owner[-6:]}"
         return "—"
 
     @admin.display(description="messages", ordering="message_count")
@@ -104,25 +108,57 @@ class ConversationAdmin(ConversationAdminBase):
             render_to_string("admin/chat/messages_tree.html", {"rows": _tree_rows(conversation, tree)})
         )
 
+    def has_export_permission(self, request: HttpRequest) -> bool:
+        """Exporting downloads conversations in bulk, with their owners: it
+        takes the ``export_conversation`` permission, not only the view one."""
+        return request.user.has_perm(f"{self.opts.app_label}.export_conversation")
+
     @admin.action(
-        description="Export selected conversations to sessions.json (full format)", permissions=["view"]
+        description="Export selected conversations to sessions.json (full format)", permissions=["export"]
     )
-    def export_full(self, request: HttpRequest, queryset: QuerySet[Conversation]) -> HttpResponse:
-        return _download(queryset, "full")
+    def export_full(self, request: HttpRequest, queryset: QuerySet[Conversation]) -> HttpResponse | None:
+        return self._download(request, queryset, "full")
 
     @admin.action(
         description="Export selected conversations to sessions.json (original format: shown branches only)",
-        permissions=["view"],
+        permissions=["export"],
     )
-    def export_original(self, request: HttpRequest, queryset: QuerySet[Conversation]) -> HttpResponse:
-        return _download(queryset, "original")
+    def export_original(self, request: HttpRequest, queryset: QuerySet[Conversation]) -> HttpResponse | None:
+        return self._download(request, queryset, "original")
+
+    def _download(
+        self, request: HttpRequest, queryset: QuerySet[Conversation], format: sessions_io.Format
+    ) -> HttpResponse | None:
+        try:
+            data = sessions_io.export_data(queryset, format=format)
+        except sessions_io.SessionsExportError as exc:
+            # Back to the list, with the reason; nothing is downloaded.
+            self.message_user(request, f"Nothing was exported: {exc}.", level=messages.ERROR)
+            return None
+        response = HttpResponse(sessions_io.dumps(data), content_type="application/json; charset=utf-8")
+        response["Content-Disposition"] = 'attachment; filename="sessions.json"'
+        return response
+
+    def get_deleted_objects(
+        self, objs: Sequence[Conversation] | QuerySet[Conversation], request: HttpRequest
+    ) -> tuple[list[str], dict[str, int], set[str], list[str]]:
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        # Messages go with their conversation (MessageAdmin deletes none on
+        # its own): deleting a conversation takes its own permission only.
+        perms_needed.discard(str(Message._meta.verbose_name))
+        return deleted, counts, perms_needed, protected
+
+    def delete_model(self, request: HttpRequest, obj: Conversation) -> None:
+        services.do_delete_conversation(conversation=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Conversation]) -> None:
+        services.do_delete_conversations(conversations=queryset)
 
 
 def _tree_rows(conversation: Conversation, tree: MessageTree) -> list[dict[str, Any]]:
     """Rows for the messages table: tree order; the first version of each
     message stays at its parent's indent, later versions step in."""
-    leaf_id = shown_leaf_id(conversation, tree)
-    shown = {m.id for m in tree.path_to(leaf_id)} if leaf_id is not None else set()
+    shown = {m.id for m in tree.shown_branch(conversation)}
     indent: dict[uuid.UUID, int] = {}
     rows = []
     for _, message in tree.in_tree_order():
@@ -141,15 +177,6 @@ def _tree_rows(conversation: Conversation, tree: MessageTree) -> list[dict[str, 
             }
         )
     return rows
-
-
-def _download(queryset: QuerySet[Conversation], format: sessions_io.Format) -> HttpResponse:
-    response = HttpResponse(
-        sessions_io.dumps(sessions_io.export_data(queryset, format=format)),
-        content_type="application/json; charset=utf-8",
-    )
-    response["Content-Disposition"] = 'attachment; filename="sessions.json"'
-    return response
 
 
 @admin.register(Message)
@@ -185,4 +212,9 @@ class MessageAdmin(MessageAdminBase):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         # A message has a place in a tree that only the chat services set.
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Message | None = None) -> bool:
+        # Nothing is ever lost: a message goes only with its whole
+        # conversation (deleting one would also orphan its replies).
         return False

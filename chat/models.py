@@ -21,9 +21,11 @@ from django_prometheus.models import ExportModelOperationsMixin
 class Conversation(ExportModelOperationsMixin("conversation"), models.Model):  # type: ignore[misc]
     """A conversation of one owner with one model.
 
-    The owner is a user, or (nobody logged in) the key of an anonymous browser
-    session; conversations imported from a ``sessions.json`` of the original
-    service have neither and are reachable from the admin only.
+    The owner is a user, or (nobody logged in) an anonymous browser session,
+    kept as ``session_owner``: a keyed hash of its session key
+    (:func:`chat.owners.session_owner_token`), never the key itself, which is
+    the browser's live cookie. Conversations imported from a ``sessions.json``
+    of the original service have neither and are reachable from the admin only.
     """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
@@ -34,11 +36,15 @@ class Conversation(ExportModelOperationsMixin("conversation"), models.Model):  #
         on_delete=models.CASCADE,
         related_name="conversations",
     )
-    session_key = models.CharField(
-        max_length=40,
+    session_owner = models.CharField(
+        max_length=64,
         blank=True,
         db_index=True,
-        help_text="The anonymous browser session that owns the conversation, when no user does.",
+        editable=False,
+        help_text=(
+            "A keyed hash of the anonymous browser session that owns the conversation, when no user "
+            "does (valid only with this site's SECRET_KEY)."
+        ),
     )
     # The session id of a conversation imported from sessions.json, kept so that
     # exporting gives the same ids back and importing again recognises it.
@@ -68,10 +74,13 @@ class Conversation(ExportModelOperationsMixin("conversation"), models.Model):  #
 
     class Meta:
         ordering = ["-updated_at"]
+        # Exporting downloads private conversations in bulk: a permission of
+        # its own, not implied by viewing or changing one in the admin.
+        permissions = [("export_conversation", "Can export conversations to sessions.json")]
         constraints = [
             models.CheckConstraint(
-                condition=Q(owner__isnull=True) | Q(session_key=""),
-                name="conversation_owner_or_session_key",
+                condition=Q(owner__isnull=True) | Q(session_owner=""),
+                name="conversation_owner_or_session_owner",
                 violation_error_message="A conversation belongs to a user or to a session, not both.",
             ),
         ]
@@ -81,12 +90,26 @@ class Conversation(ExportModelOperationsMixin("conversation"), models.Model):  #
 
     @property
     def session_id(self) -> str:
-        """The id this conversation has in a sessions.json file and in the API."""
+        """The id this conversation has in a sessions.json file and in the API.
+
+        No two conversations share one: an import refuses a session id that
+        is another conversation's UUID, and a UUID that is another's session id.
+        """
         return self.external_id or str(self.id)
 
 
 class Message(ExportModelOperationsMixin("message"), models.Model):  # type: ignore[misc]
-    """One message; ``parent`` links it into its conversation's tree."""
+    """One message; ``parent`` links it into its conversation's tree.
+
+    Messages are never deleted one by one (nothing the person wrote or read is
+    lost): they go with their conversation, through ``conversation``'s
+    CASCADE. ``parent`` is therefore DO_NOTHING: following it would make
+    Django's deletion collector recurse once per message of a branch, and a
+    long conversation (a chain of thousands of messages) would overflow
+    Python's stack. The foreign key the database holds stays, deferred to the
+    end of the transaction (as Django creates it on SQLite and PostgreSQL), by
+    which time the whole conversation is gone.
+    """
 
     class Role(models.TextChoices):
         SYSTEM = "system"
@@ -106,7 +129,7 @@ class Message(ExportModelOperationsMixin("message"), models.Model):  # type: ign
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
     parent = models.ForeignKey(
-        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children"
+        "self", null=True, blank=True, on_delete=models.DO_NOTHING, related_name="children"
     )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)

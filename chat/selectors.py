@@ -5,7 +5,9 @@ walked in Python, so the shown branch, the path to any message and the
 sibling positions cost a constant number of queries whatever the length of
 the conversation; the SQL stays plain and portable (no recursive CTE).
 
-``access_*`` functions fetch with an ownership check and raise
+``access_*`` functions fetch with an ownership check (``session_key`` is the
+anonymous browser's own key, ``request.session.session_key``; it is compared
+through :func:`chat.owners.session_owner_token`) and raise
 ``Conversation.DoesNotExist`` both when a conversation does not exist and when
 it belongs to someone else, so that ids cannot be probed.
 """
@@ -21,6 +23,7 @@ from django.contrib.auth.models import AnonymousUser
 from django.db.models import Count, QuerySet
 
 from chat.models import Conversation, Message
+from chat.owners import session_owner_token
 
 
 def _order_key(message: Message) -> tuple[object, str]:
@@ -82,6 +85,19 @@ class MessageTree:
                 newest = message
         return newest
 
+    def shown_branch(self, conversation: Conversation) -> list[Message]:
+        """The branch ``conversation`` (whose messages these are) shows, oldest
+        first: from the root down to its ``current_leaf``. When that is unset
+        (a file that named none, a leaf deleted from the database) the newest
+        leaf stands in for it."""
+        leaf_id = conversation.current_leaf_id
+        if leaf_id is None or leaf_id not in self.by_id:
+            leaf = self.newest_leaf_under(None)
+            if leaf is None:
+                return []
+            leaf_id = leaf.id
+        return self.path_to(leaf_id)
+
     def in_tree_order(self) -> list[tuple[int, Message]]:
         """Every message with its depth, parents before children (pre-order)."""
         result: list[tuple[int, Message]] = []
@@ -102,20 +118,9 @@ def message_tree(conversation: Conversation) -> MessageTree:
     return MessageTree(Message.objects.filter(conversation=conversation))
 
 
-def shown_leaf_id(conversation: Conversation, tree: MessageTree) -> uuid.UUID | None:
-    """The leaf of the shown branch. When ``current_leaf`` is unset (an
-    operator deleted it in the admin) the newest leaf stands in for it."""
-    if conversation.current_leaf_id is not None and conversation.current_leaf_id in tree.by_id:
-        return conversation.current_leaf_id
-    leaf = tree.newest_leaf_under(None)
-    return leaf.id if leaf is not None else None
-
-
 def shown_branch(conversation: Conversation) -> list[Message]:
     """The messages of the branch the conversation shows, oldest first (one query)."""
-    tree = message_tree(conversation)
-    leaf_id = shown_leaf_id(conversation, tree)
-    return tree.path_to(leaf_id) if leaf_id is not None else []
+    return message_tree(conversation).shown_branch(conversation)
 
 
 def branch_ending_at(message: Message) -> list[Message]:
@@ -140,9 +145,8 @@ class BranchEntry:
 def shown_branch_with_siblings(conversation: Conversation) -> list[BranchEntry]:
     """The shown branch with each message's sibling position (one query)."""
     tree = message_tree(conversation)
-    leaf_id = shown_leaf_id(conversation, tree)
     entries = []
-    for message in tree.path_to(leaf_id) if leaf_id is not None else []:
+    for message in tree.shown_branch(conversation):
         siblings = tree.siblings(message)
         index = next(i for i, m in enumerate(siblings) if m.id == message.id)
         entries.append(
@@ -163,7 +167,7 @@ def _owned_by(
     if user is not None and user.is_authenticated:
         return Conversation.objects.filter(owner_id=user.pk)
     if session_key:
-        return Conversation.objects.filter(owner__isnull=True, session_key=session_key)
+        return Conversation.objects.filter(owner__isnull=True, session_owner=session_owner_token(session_key))
     return Conversation.objects.none()
 
 

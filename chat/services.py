@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
-from django.db.models import F, TextField, Value
+from django.db.models import F, QuerySet, TextField, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
 from chat.models import Conversation, Message
+from chat.owners import session_owner_token
 from chat.selectors import MessageTree, message_tree
 
 # The statuses a finished reply may end with.
@@ -49,7 +50,9 @@ def do_start_conversation(
     title: str = "",
     system_prompt: str = "",
 ) -> Conversation:
-    """A new, empty conversation of a user or (no user) of an anonymous session."""
+    """A new, empty conversation of a user or (no user) of an anonymous
+    session, given by its key (``request.session.session_key``), which is
+    stored only as :func:`chat.owners.session_owner_token`."""
     if owner is not None and session_key:
         raise ValueError("a conversation belongs to a user or to a session, not both")
     if not model_name:
@@ -57,7 +60,7 @@ def do_start_conversation(
     now = timezone.now()
     return Conversation.objects.create(
         owner_id=owner.pk if owner is not None else None,
-        session_key=session_key,
+        session_owner=session_owner_token(session_key) if session_key else "",
         model_name=model_name,
         title=title.strip()[:TITLE_MAX_LENGTH],
         system_prompt=system_prompt,
@@ -224,8 +227,19 @@ def do_rename_conversation(*, conversation: Conversation, title: str) -> None:
 
 @transaction.atomic
 def do_delete_conversation(*, conversation: Conversation) -> None:
-    """Delete the conversation and all its messages."""
-    conversation.delete()
+    """Delete the conversation and all its messages, however long its branches."""
+    do_delete_conversations(conversations=Conversation.objects.filter(pk=conversation.pk))
+
+
+@transaction.atomic
+def do_delete_conversations(*, conversations: QuerySet[Conversation]) -> int:
+    """Delete these conversations and all their messages; returns how many
+    conversations. A conversation is only ever deleted whole (its messages go
+    through ``Message.conversation``'s CASCADE, in one pass of the collector,
+    never message by message down a branch: see :class:`chat.models.Message`).
+    """
+    deleted = conversations.delete()[1]
+    return deleted.get(Conversation._meta.label, 0)
 
 
 @transaction.atomic
@@ -235,6 +249,6 @@ def do_claim_session_conversations(*, session_key: str, user: AbstractBaseUser) 
     before login (Django changes the key on login)."""
     if not session_key:
         return 0
-    return Conversation.objects.filter(owner__isnull=True, session_key=session_key).update(
-        owner_id=user.pk, session_key=""
-    )
+    return Conversation.objects.filter(
+        owner__isnull=True, session_owner=session_owner_token(session_key)
+    ).update(owner_id=user.pk, session_owner="")

@@ -17,6 +17,15 @@ the database, and :func:`import_sessions` resolves owners, checks ids against
 the database and writes everything in one transaction. Every error is a
 :class:`SessionsFileError` naming the session and the message index.
 
+A conversation is one key of an original-format file: its session id, else
+its UUID (``Conversation.session_id``). So that no two conversations share a
+key, an import refuses a session id that is the UUID of another conversation
+of the file, and a UUID that is the session id of a conversation in the
+database (a session id that is the UUID of a conversation in the database
+names that conversation, which is skipped or replaced); an export that would
+still write a key twice fails with :class:`SessionsExportError` instead of
+dropping a conversation.
+
 The canonical writer (:func:`dumps`) is ``json.dumps(data, ensure_ascii=False,
 indent=2)`` plus a newline; a file written that way exports back byte for byte.
 """
@@ -28,6 +37,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,12 +46,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from django.contrib.auth import get_user_model
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
+from chat import services
 from chat.models import Conversation, Message
-from chat.selectors import MessageTree, shown_leaf_id
+from chat.selectors import MessageTree
 
 FULL_FORMAT = "chatsite.sessions"
 FULL_VERSION = 1
@@ -55,7 +66,7 @@ STATUSES = tuple(Message.Status.values)
 EXTERNAL_ID_MAX = Conversation._meta.get_field("external_id").max_length or 255
 TITLE_MAX = Conversation._meta.get_field("title").max_length or 200
 MODEL_MAX = Conversation._meta.get_field("model_name").max_length or 100
-SESSION_KEY_MAX = Conversation._meta.get_field("session_key").max_length or 40
+SESSION_OWNER_LENGTH = Conversation._meta.get_field("session_owner").max_length or 64
 FINISH_REASON_MAX = Message._meta.get_field("finish_reason").max_length or 16
 # Titles made from the first user message of an imported original session.
 DERIVED_TITLE_LENGTH = 80
@@ -64,6 +75,11 @@ DERIVED_TITLE_LENGTH = 80
 class SessionsFileError(ValueError):
     """A sessions file cannot be imported. The message says where and why;
     nothing was written."""
+
+
+class SessionsExportError(ValueError):
+    """The conversations cannot be written in the format asked for (the
+    message says why); nothing was written."""
 
 
 # -- reading -----------------------------------------------------------------
@@ -99,7 +115,10 @@ def parse_sessions(raw: bytes | str) -> Any:
             raise SessionsFileError(f"the file is not UTF-8 text: {exc}") from None
     try:
         return json.loads(raw, object_pairs_hook=_object_from_pairs, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
+    except SessionsFileError:
+        raise
+    except ValueError as exc:
+        # JSONDecodeError, or a number too long for Python to convert.
         raise SessionsFileError(f"the file is not valid JSON: {exc}") from None
     except RecursionError:
         raise SessionsFileError("the file is not a sessions file: its JSON is nested too deeply") from None
@@ -138,20 +157,32 @@ class ConversationPlan:
     updated_at: dt.datetime
     title: str = ""
     owner_username: str | None = None
-    session_key: str = ""
+    session_owner: str = ""
     system_prompt: str = ""
     current_leaf_id: uuid.UUID | None = None
     messages: list[MessagePlan] = field(default_factory=list)
+    # The format it was read from: an original-format session has no owner
+    # and only its shown branch.
+    source: Format = "full"
+
+    def session_id_as_uuid(self) -> uuid.UUID | None:
+        """The conversation id that the session id spells, if it spells one."""
+        if self.external_id is None:
+            return None
+        try:
+            return uuid.UUID(self.external_id)
+        except ValueError:
+            return None
 
     def ids_it_would_take(self) -> tuple[set[uuid.UUID], set[str]]:
         """The conversation ids and session ids that an existing conversation
         may already have when this one was imported or exported before."""
         ids = {self.id}
         external = {self.external_id} if self.external_id else set()
-        if self.external_id:
+        spelled = self.session_id_as_uuid()
+        if spelled is not None:
             # A conversation made in the app is exported under its UUID.
-            with contextlib.suppress(ValueError):
-                ids.add(uuid.UUID(self.external_id))
+            ids.add(spelled)
         return ids, external
 
 
@@ -249,24 +280,31 @@ class _Checker:
     def measure(self, value: Any, name: str) -> float | None:
         if value is None:
             return None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(f"{name} must be a number of at least 0 or null")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            raise self.fail(f"{name} is too large") from None
+        if not math.isfinite(number) or number < 0:
+            raise self.fail(f"{name} must be a number of at least 0 or null")
+        return number
 
     def time(self, value: Any, name: str) -> dt.datetime:
         text = self.text(value, name)
         try:
             moment = dt.datetime.fromisoformat(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise self.fail(f"{name} must be an ISO 8601 date and time, not {json.dumps(text)}") from None
         if moment.tzinfo is None:
             raise self.fail(f"{name} must say its time zone (for example 2025-01-31T12:00:00Z)")
-        return moment.astimezone(dt.UTC)
+        try:
+            return moment.astimezone(dt.UTC)
+        except (ValueError, OverflowError):
+            # 0001-01-01T00:00:00+05:00 is a time of the year 0 in UTC.
+            raise self.fail(
+                f"{name} {json.dumps(text)} is out of range: in UTC it falls outside the years 1 to 9999"
+            ) from None
 
 
 def _session_label(session_id: str) -> str:
@@ -299,8 +337,25 @@ def validate_sessions(
     now = now or timezone.now()
     chosen = detect_format(data) if format == "auto" else format
     if chosen == "full":
-        return _validate_full(data, default_model=model_name, now=now)
-    return _validate_original(data, model_name=model_name, now=now)
+        plans = _validate_full(data, default_model=model_name, now=now)
+    else:
+        plans = _validate_original(data, model_name=model_name, now=now)
+    _check_session_ids_are_distinct(plans)
+    return plans
+
+
+def _check_session_ids_are_distinct(plans: Sequence[ConversationPlan]) -> None:
+    """Refuse a session id that is the UUID of another conversation of the
+    file: both would be that one key of an original-format export."""
+    by_id = {plan.id: plan for plan in plans}
+    for plan in plans:
+        spelled = plan.session_id_as_uuid()
+        other = by_id.get(spelled) if spelled is not None else None
+        if other is not None and other is not plan:
+            raise SessionsFileError(
+                f"{_session_label(plan.name)}: this session id is the id of another conversation of "
+                "the file; two conversations cannot have the same session id"
+            )
 
 
 def _derived_title(messages: Sequence[MessagePlan]) -> str:
@@ -364,6 +419,7 @@ def _validate_original(data: Any, *, model_name: str, now: dt.datetime) -> list[
                 updated_at=message_plans[-1].created_at if message_plans else created_at,
                 current_leaf_id=message_plans[-1].id if message_plans else None,
                 messages=message_plans,
+                source="original",
             )
         )
     return plans
@@ -374,7 +430,7 @@ _CONVERSATION_KEYS = (
     "session_id",
     "title",
     "owner",
-    "session_key",
+    "session_owner",
     "model",
     "system_prompt",
     "created_at",
@@ -382,6 +438,8 @@ _CONVERSATION_KEYS = (
     "current_leaf",
     "messages",
 )
+# What chat.owners.session_owner_token gives.
+_SESSION_OWNER_TOKEN = re.compile(f"[0-9a-f]{{{SESSION_OWNER_LENGTH}}}")
 _MESSAGE_KEYS = (
     "id",
     "parent",
@@ -456,9 +514,14 @@ def _validate_full_conversation(
     # From here on, errors name the session as the original format does.
     where = _Checker(_session_label(external_id or str(conversation_id)))
     owner = where.optional_text(item.get("owner"), '"owner"')
-    session_key = where.text(item.get("session_key", ""), '"session_key"', max_length=SESSION_KEY_MAX)
-    if owner is not None and session_key:
-        raise where.fail('has both an "owner" and a "session_key"; a conversation belongs to one')
+    session_owner = where.text(item.get("session_owner", ""), '"session_owner"')
+    if session_owner and not _SESSION_OWNER_TOKEN.fullmatch(session_owner):
+        raise where.fail(
+            f'"session_owner" must be empty or the token an export wrote ({SESSION_OWNER_LENGTH} '
+            "lowercase hexadecimal digits), never a session key"
+        )
+    if owner is not None and session_owner:
+        raise where.fail('has both an "owner" and a "session_owner"; a conversation belongs to one')
     created_at = where.time(item["created_at"], '"created_at"') if "created_at" in item else now
     updated_at = where.time(item["updated_at"], '"updated_at"') if "updated_at" in item else created_at
     messages = item["messages"]
@@ -492,7 +555,7 @@ def _validate_full_conversation(
         external_id=external_id,
         title=where.text(item.get("title", ""), '"title"', max_length=TITLE_MAX),
         owner_username=owner,
-        session_key=session_key,
+        session_owner=session_owner,
         model_name=where.text(item.get("model", default_model), '"model"', max_length=MODEL_MAX, empty=False),
         system_prompt=where.text(item.get("system_prompt", ""), '"system_prompt"'),
         created_at=created_at,
@@ -570,7 +633,10 @@ def _existing_matches(plans: Sequence[ConversationPlan]) -> dict[str, list[Conve
     id_keys, external_keys = list(by_id), list(by_external)
     for start in range(0, max(len(id_keys), len(external_keys)), 500):
         query = Q(id__in=id_keys[start : start + 500]) | Q(external_id__in=external_keys[start : start + 500])
-        for conversation in Conversation.objects.filter(query).only("id", "external_id"):
+        found_here = Conversation.objects.filter(query).only(
+            "id", "external_id", "owner", "session_owner", "current_leaf"
+        )
+        for conversation in found_here:
             for match in (by_id.get(conversation.id), by_external.get(conversation.external_id or "")):
                 if match is not None:
                     found = matches.setdefault(match.name, [])
@@ -585,8 +651,23 @@ def import_sessions(plans: Sequence[ConversationPlan], *, replace: bool = False)
     A session already in the database (same conversation id or session id)
     is skipped, or with ``replace`` deleted and written anew. Raises
     :class:`SessionsFileError`, with nothing written, for an owner who is not
-    a user here or a message id that another conversation already has.
+    a user here, a message id that another conversation already has, a
+    conversation id that is another conversation's session id, a replacement
+    from an original-format file that would lose an owner or branches, or a
+    write the database refuses (another process wrote the same rows meanwhile).
     """
+    try:
+        return _write(plans, replace=replace)
+    except IntegrityError as exc:
+        # Raised inside the transaction, or by a deferred check at its commit:
+        # either way it was rolled back.
+        raise SessionsFileError(
+            f"the database refused the import ({exc}); another process may have written the same "
+            "conversations or messages meanwhile: check them and try again"
+        ) from exc
+
+
+def _write(plans: Sequence[ConversationPlan], *, replace: bool) -> ImportResult:
     result = ImportResult()
     with transaction.atomic():
         # Every check against the database comes before the first write.
@@ -599,11 +680,14 @@ def import_sessions(plans: Sequence[ConversationPlan], *, replace: bool = False)
         else:
             result.skipped = [plan.name for plan in plans if plan.name in matches]
             todo = [plan for plan in plans if plan.name not in matches]
+        if replace:
+            _check_original_replacements(plans, matches)
         owners = _resolve_owners(todo)
         _check_message_ids_are_free(todo, replaced=set(doomed))
+        _check_ids_are_not_session_ids(todo, replaced=set(doomed))
 
         for chunk in _chunks(doomed):
-            Conversation.objects.filter(pk__in=chunk).delete()
+            services.do_delete_conversations(conversations=Conversation.objects.filter(pk__in=chunk))
 
         conversations = [
             Conversation(
@@ -611,7 +695,7 @@ def import_sessions(plans: Sequence[ConversationPlan], *, replace: bool = False)
                 external_id=plan.external_id,
                 title=plan.title,
                 owner_id=owners[plan.owner_username] if plan.owner_username is not None else None,
-                session_key=plan.session_key,
+                session_owner=plan.session_owner,
                 model_name=plan.model_name,
                 system_prompt=plan.system_prompt,
                 created_at=plan.created_at,
@@ -689,6 +773,59 @@ def _check_message_ids_are_free(plans: Sequence[ConversationPlan], *, replaced: 
                 )
 
 
+def _check_ids_are_not_session_ids(plans: Sequence[ConversationPlan], *, replaced: set[uuid.UUID]) -> None:
+    """Refuse a conversation whose UUID is the session id of a conversation
+    that stays: both would be that one key of an original-format export. (A
+    session id that is the UUID of a conversation here names that
+    conversation: it was skipped or replaced.)"""
+    named = {str(plan.id): plan.name for plan in plans}
+    for chunk in _chunks(list(named)):
+        for other in Conversation.objects.filter(external_id__in=chunk).only("id", "external_id"):
+            if other.pk not in replaced:
+                raise SessionsFileError(
+                    f"{_session_label(named[other.session_id])}: its id {other.session_id} is the session "
+                    f"id of another conversation here ({other.pk}); two conversations cannot have the "
+                    "same session id"
+                )
+
+
+def _check_original_replacements(
+    plans: Sequence[ConversationPlan], matches: Mapping[str, Sequence[Conversation]]
+) -> None:
+    """A session of an original-format file has no owner and one branch:
+    refuse to replace with it a conversation that has an owner, or messages
+    off its shown branch, which would be lost. (Conversations imported from
+    such a file have neither and are replaced freely.)"""
+    at_stake = {
+        conversation.pk: (plan, conversation)
+        for plan in plans
+        if plan.source == "original"
+        for conversation in matches.get(plan.name, ())
+    }
+    for plan, conversation in at_stake.values():
+        if conversation.owner_id is not None or conversation.session_owner:
+            raise SessionsFileError(
+                f"{_session_label(plan.name)}: it would replace conversation {conversation.pk}, which has "
+                "an owner; an original-format session has none, so the owner would be lost. Replace it "
+                "from a full-format export, or import without replacing (it is then skipped)"
+            )
+    messages: dict[uuid.UUID, list[Message]] = {}
+    tree_fields = ("id", "conversation", "parent", "created_at")
+    for chunk in _chunks(list(at_stake)):
+        for message in Message.objects.filter(conversation__in=chunk).only(*tree_fields):
+            messages.setdefault(message.conversation_id, []).append(message)
+    for pk, (plan, conversation) in at_stake.items():
+        found = messages.get(pk, [])
+        off_branch = len(found) - len(MessageTree(found).shown_branch(conversation))
+        if off_branch:
+            raise SessionsFileError(
+                f"{_session_label(plan.name)}: it would replace conversation {pk}, which has "
+                f"{off_branch} message{'' if off_branch == 1 else 's'} off its shown branch; an "
+                "original-format session holds the shown branch only, so they would be lost. Replace "
+                "it from a full-format export, or import without replacing (it is then skipped)"
+            )
+
+
 # -- export ------------------------------------------------------------------
 
 
@@ -703,21 +840,31 @@ def _ordered(conversations: QuerySet[Conversation] | None) -> QuerySet[Conversat
 
 def export_data(conversations: QuerySet[Conversation] | None = None, *, format: Format = "full") -> Any:
     """The JSON value of a sessions file of these conversations (all by
-    default), oldest first. Two queries, whatever the number of conversations."""
+    default), oldest first. Two queries, whatever the number of conversations.
+
+    Raises :class:`SessionsExportError` when, in the original format, two
+    conversations would have the same key (session id), rather than let one
+    replace the other.
+    """
     if format == "original":
         original: dict[str, list[dict[str, str]]] = {}
+        exported_as: dict[str, uuid.UUID] = {}
         for conversation in _ordered(conversations):
-            tree = MessageTree(conversation.messages.all())
-            leaf_id = shown_leaf_id(conversation, tree)
-            branch = tree.path_to(leaf_id) if leaf_id is not None else []
+            key = conversation.session_id
+            if key in exported_as:
+                raise SessionsExportError(
+                    f"conversations {exported_as[key]} and {conversation.pk} would both be session "
+                    f"{json.dumps(key, ensure_ascii=False)} in the original format, which holds one; "
+                    "export them in the full format"
+                )
+            exported_as[key] = conversation.pk
             head = (
                 [{"role": "system", "content": conversation.system_prompt}]
                 if conversation.system_prompt
                 else []
             )
-            original[conversation.session_id] = head + [
-                {"role": m.role, "content": m.content} for m in branch
-            ]
+            branch = MessageTree(conversation.messages.all()).shown_branch(conversation)
+            original[key] = head + [{"role": m.role, "content": m.content} for m in branch]
         return original
     return {
         "format": FULL_FORMAT,
@@ -734,7 +881,7 @@ def _full_conversation(conversation: Conversation) -> dict[str, Any]:
         "session_id": conversation.external_id,
         "title": conversation.title,
         "owner": owner,
-        "session_key": conversation.session_key,
+        "session_owner": conversation.session_owner,
         "model": conversation.model_name,
         "system_prompt": conversation.system_prompt,
         "created_at": _time(conversation.created_at),

@@ -5,10 +5,12 @@ Everything is built through ``chat.services``, as the site builds it.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
 from django.contrib.auth.models import Permission, User
+from django.utils import timezone
 
 from chat import services
 from chat.models import Conversation, Message
@@ -27,17 +29,20 @@ def make_user(username: str = "alice", *, staff: bool = False, permissions: Iter
     return user
 
 
-def make_operator() -> User:
-    """A staff user (not a superuser) who may view, change and delete conversations and messages."""
-    return make_user(
-        "olivia",
-        staff=True,
-        permissions=[
-            f"{action}_{model}"
-            for action in ("view", "change", "delete")
-            for model in ("conversation", "message")
-        ],
-    )
+OPERATOR_PERMISSIONS = [
+    *(
+        f"{action}_{model}"
+        for action in ("view", "change", "delete")
+        for model in ("conversation", "message")
+    ),
+    "export_conversation",
+]
+
+
+def make_operator(username: str = "olivia", *, permissions: Iterable[str] = OPERATOR_PERMISSIONS) -> User:
+    """A staff user (not a superuser) who may view, change, delete and export
+    conversations, and view, change and (but the admin refuses) delete messages."""
+    return make_user(username, staff=True, permissions=permissions)
 
 
 def add_reply(conversation: Conversation, parent: Message, text: str, **finish: Any) -> Message:
@@ -74,3 +79,25 @@ def make_conversation(
 
 def contents(messages: Iterable[Message]) -> list[str]:
     return [m.content for m in messages]
+
+
+def make_long_conversation(length: int, *, title: str = "Long") -> tuple[Conversation, list[Message]]:
+    """A conversation of ``length`` messages in one chain (as an original-format
+    import of a long session makes), written in bulk to be quick."""
+    conversation = services.do_start_conversation(model_name=MODEL, title=title)
+    start = timezone.now()
+    messages: list[Message] = []
+    for index in range(length):
+        messages.append(
+            Message(
+                conversation=conversation,
+                parent=messages[-1] if messages else None,
+                role=Message.Role.USER if index % 2 == 0 else Message.Role.ASSISTANT,
+                content=f"turn {index}",
+                created_at=start + dt.timedelta(microseconds=index),
+            )
+        )
+    Message.objects.bulk_create(messages, batch_size=500)
+    Conversation.objects.filter(pk=conversation.pk).update(current_leaf=messages[-1])
+    conversation.refresh_from_db()
+    return conversation, messages

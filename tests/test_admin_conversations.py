@@ -12,7 +12,15 @@ from django.urls import reverse
 
 from chat import services
 from chat.models import Conversation, Message
-from tests.base import add_reply, make_conversation, make_operator, make_user
+from chat.owners import session_owner_token
+from tests.base import (
+    OPERATOR_PERMISSIONS,
+    add_reply,
+    make_conversation,
+    make_long_conversation,
+    make_operator,
+    make_user,
+)
 
 pytestmark = [
     pytest.mark.django_db,
@@ -134,6 +142,89 @@ def test_it_deletes_a_conversation_with_its_messages(operator_client: Client) ->
     assert not Message.objects.exists()
 
 
+def test_it_deletes_a_conversation_of_a_long_chain_of_messages(operator_client: Client) -> None:
+    # Following ``parent`` (1,500 levels deep) overflowed the stack, in the
+    # confirmation page's tree of what goes and in the deletion itself.
+    conversation, _ = make_long_conversation(1500)
+    kept, _ = make_conversation("kept")
+    url = reverse("admin:chat_conversation_delete", args=[conversation.pk])
+
+    response = operator_client.get(url)
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "Are you sure" in page
+    # Messages go with their conversation; no permission to delete messages is needed.
+    assert "permission to delete" not in page
+    assert "Messages: 1500" in page
+
+    assert operator_client.post(url, {"post": "yes"}).status_code == 302
+    assert list(Conversation.objects.all()) == [kept]
+    assert list(Message.objects.values_list("content", flat=True)) == ["kept"]
+
+
+def test_it_deletes_selected_conversations_of_long_chains_with_the_bulk_action(
+    operator_client: Client,
+) -> None:
+    first, _ = make_long_conversation(1500)
+    second, _ = make_long_conversation(1500)
+    kept, _ = make_conversation("kept")
+    selected = {"action": "delete_selected", "_selected_action": [str(first.pk), str(second.pk)]}
+
+    response = operator_client.post(CHANGELIST, selected)
+    assert response.status_code == 200
+    assert "Are you sure" in response.content.decode()
+    response = operator_client.post(CHANGELIST, {**selected, "post": "yes"})
+    assert response.status_code == 302
+    assert list(Conversation.objects.all()) == [kept]
+    assert Message.objects.count() == 1
+
+
+def test_it_never_deletes_a_single_message(operator_client: Client) -> None:
+    _, (question, _) = make_conversation("a question", "its answer")
+    response = operator_client.get(reverse("admin:chat_message_delete", args=[question.pk]))
+    assert response.status_code == 403
+    assert (
+        operator_client.post(
+            reverse("admin:chat_message_delete", args=[question.pk]), {"post": "yes"}
+        ).status_code
+        == 403
+    )
+    page = operator_client.get(reverse("admin:chat_message_changelist")).content.decode()
+    assert "delete_selected" not in page
+    assert Message.objects.count() == 2
+
+
+def test_it_shows_the_owner_token_of_an_anonymous_session_read_only(operator_client: Client) -> None:
+    conversation, _ = make_conversation("hi", session_key="live-cookie-value", title="Anonymous")
+    token = session_owner_token("live-cookie-value")
+    url = reverse("admin:chat_conversation_change", args=[conversation.pk])
+
+    page = operator_client.get(url).content.decode()
+    assert token in page
+    assert "live-cookie-value" not in page
+    assert 'name="session_owner"' not in page
+    response = operator_client.post(
+        url, {"title": "Renamed", "model_name": conversation.model_name, "session_owner": "0" * 64}
+    )
+    assert response.status_code == 302
+    conversation.refresh_from_db()
+    assert (conversation.title, conversation.session_owner) == ("Renamed", token)
+
+
+def test_it_exports_only_for_operators_allowed_to_export() -> None:
+    conversation, _ = make_conversation("private", session_key="anon")
+    client = Client()
+    permissions = [p for p in OPERATOR_PERMISSIONS if p != "export_conversation"]
+    client.force_login(make_operator("victor", permissions=permissions))
+    assert "export_full" not in client.get(CHANGELIST).content.decode()
+    for action in ("export_full", "export_original"):
+        response = client.post(
+            CHANGELIST, {"action": action, "_selected_action": [str(conversation.pk)], "index": 0}
+        )
+        assert "Content-Disposition" not in response
+        assert b"private" not in response.content
+
+
 def test_it_exports_the_selected_conversations_to_a_sessions_json_download(operator_client: Client) -> None:
     chosen, _ = make_conversation("keep me", "ok", title="Chosen")
     make_conversation("not me", title="Other")
@@ -175,3 +266,22 @@ def test_it_keeps_the_admin_from_people_who_are_not_staff() -> None:
     client.force_login(make_user("mallory"))
     response = client.get(CHANGELIST)
     assert response.status_code == 302
+
+
+def test_it_refuses_an_original_export_that_would_list_two_conversations_as_one(
+    operator_client: Client,
+) -> None:
+    site, _ = make_conversation("made on the site")
+    imported, _ = make_conversation("imported")
+    # Two conversations that the original format would both call str(site.pk).
+    Conversation.objects.filter(pk=imported.pk).update(external_id=str(site.pk))
+    selected = {"_selected_action": [str(site.pk), str(imported.pk)], "index": 0}
+
+    response = operator_client.post(CHANGELIST, {"action": "export_original", **selected}, follow=True)
+    assert "Content-Disposition" not in response
+    page = response.content.decode()
+    assert "Nothing was exported" in page
+    assert f"would both be session &quot;{site.pk}&quot;" in page
+    # The full format keeps both apart.
+    response = operator_client.post(CHANGELIST, {"action": "export_full", **selected})
+    assert len(json.loads(response.content)["conversations"]) == 2

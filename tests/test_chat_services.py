@@ -6,11 +6,12 @@ import uuid
 
 import pytest
 from django.contrib.auth.models import AnonymousUser
-from django.db import IntegrityError
+from django.db import IntegrityError, transaction
 
 from chat import selectors, services
 from chat.models import Conversation, Message
-from tests.base import MODEL, add_reply, contents, make_conversation, make_user
+from chat.owners import session_owner_token
+from tests.base import MODEL, add_reply, contents, make_conversation, make_long_conversation, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -21,9 +22,9 @@ def test_it_starts_a_conversation_for_a_user_or_an_anonymous_session() -> None:
     anonymous = services.do_start_conversation(model_name=MODEL, session_key="k" * 32)
     assert mine.owner == alice
     assert mine.title == "Plans"
-    assert mine.session_key == ""
+    assert mine.session_owner == ""
     assert anonymous.owner is None
-    assert anonymous.session_key == "k" * 32
+    assert anonymous.session_owner == session_owner_token("k" * 32)
     assert isinstance(mine.id, uuid.UUID)
     assert selectors.shown_branch(mine) == []
 
@@ -34,7 +35,7 @@ def test_it_refuses_a_conversation_owned_by_a_user_and_a_session() -> None:
         services.do_start_conversation(model_name=MODEL, owner=alice, session_key="abc")
     conversation = services.do_start_conversation(model_name=MODEL, owner=alice)
     with pytest.raises(IntegrityError):
-        Conversation.objects.filter(pk=conversation.pk).update(session_key="abc")
+        Conversation.objects.filter(pk=conversation.pk).update(session_owner="abc")
 
 
 def test_it_adds_each_message_at_the_end_of_the_shown_branch() -> None:
@@ -245,5 +246,74 @@ def test_it_gives_a_sessions_conversations_to_the_user_who_logs_in() -> None:
     anonymous, _ = make_conversation("hi", session_key="before-login")
     assert services.do_claim_session_conversations(session_key="before-login", user=alice) == 1
     anonymous.refresh_from_db()
-    assert (anonymous.owner, anonymous.session_key) == (alice, "")
+    assert (anonymous.owner, anonymous.session_owner) == (alice, "")
     assert services.do_claim_session_conversations(session_key="", user=alice) == 0
+
+
+def test_it_never_stores_the_key_of_an_anonymous_session(settings) -> None:
+    key = "live-session-cookie-value"
+    conversation, _ = make_conversation("hi", session_key=key)
+
+    stored = Conversation.objects.filter(pk=conversation.pk).values().get()
+    assert key not in "".join(str(value) for value in stored.values())
+    token = stored["session_owner"]
+    assert token == session_owner_token(key)
+    assert len(token) == 64
+    assert all(c in "0123456789abcdef" for c in token)
+    assert selectors.access_conversation(conversation_id=conversation.id, user=None, session_key=key)
+    # A token is no key: sent as a cookie, it reaches nothing.
+    assert not selectors.conversations_of(user=None, session_key=token).exists()
+    # It is keyed: with another SECRET_KEY the same session key is another token.
+    settings.SECRET_KEY = "another secret key"
+    assert session_owner_token(key) != token
+    assert not selectors.conversations_of(user=None, session_key=key).exists()
+
+
+def test_it_deletes_a_conversation_of_a_long_chain_of_messages() -> None:
+    # 1,500 messages, each the reply to the one before: following ``parent``
+    # on delete would recurse once per message and overflow the stack.
+    conversation, _ = make_long_conversation(1500)
+    other, _ = make_conversation("kept", "also kept")
+    assert len(selectors.shown_branch(conversation)) == 1500
+
+    services.do_delete_conversation(conversation=conversation)
+
+    assert not Conversation.objects.filter(pk=conversation.pk).exists()
+    assert not Message.objects.filter(conversation_id=conversation.pk).exists()
+    assert contents(selectors.shown_branch(other)) == ["kept", "also kept"]
+
+
+def test_it_deletes_many_conversations_at_once() -> None:
+    make_long_conversation(1500)
+    make_conversation("a", "b")
+    kept, _ = make_conversation("c")
+    assert services.do_delete_conversations(conversations=Conversation.objects.exclude(pk=kept.pk)) == 2
+    assert list(Conversation.objects.all()) == [kept]
+    assert contents(Message.objects.all()) == ["c"]
+
+
+def test_the_tree_gives_the_shown_branch_or_the_newest_leaf_when_none_is_set() -> None:
+    conversation, (q1, a1, _, _) = make_conversation("Hi", "Hello!", "More?", "More.")
+    other = add_reply(conversation, q1, "Hey.")
+    services.do_switch_to_sibling(message=a1)
+    conversation.refresh_from_db()
+    tree = selectors.message_tree(conversation)
+
+    assert tree.shown_branch(conversation) == selectors.shown_branch(conversation)
+    assert contents(tree.shown_branch(conversation)) == ["Hi", "Hello!", "More?", "More."]
+    conversation.current_leaf = None
+    assert tree.shown_branch(conversation)[-1] == other
+    assert selectors.MessageTree([]).shown_branch(conversation) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_database_checks_the_tree_when_the_deletion_commits() -> None:
+    # ``parent`` is DO_NOTHING in Django; the database's own foreign key,
+    # checked at commit, still keeps a reply from outliving what it answers.
+    conversation, messages = make_long_conversation(1500)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Message.objects.filter(pk=messages[0].pk).delete()
+    assert Message.objects.count() == 1500
+
+    services.do_delete_conversation(conversation=conversation)
+    assert not Message.objects.exists()

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 
-from chat import services, sessions_io
+from chat import selectors, services, sessions_io
 from chat.models import Conversation, Message
+from chat.owners import session_owner_token
 from tests.base import add_reply, make_conversation, make_user
 
 pytestmark = pytest.mark.django_db
@@ -63,6 +64,13 @@ def test_it_exports_and_imports_the_full_format_back_to_the_same_file(tmp_path: 
     data = json.loads(first.read_text(encoding="utf-8"))
     assert data["format"] == "chatsite.sessions"
     assert len([m for c in data["conversations"] for m in c["messages"]]) == 10
+    # The anonymous session is written as its token, never as its key.
+    assert "anon-session-key" not in first.read_text(encoding="utf-8")
+    assert [c["session_owner"] for c in data["conversations"]] == [
+        "",
+        session_owner_token("anon-session-key"),
+        "",
+    ]
 
     Conversation.objects.all().delete()
     assert not Message.objects.exists()
@@ -71,6 +79,10 @@ def test_it_exports_and_imports_the_full_format_back_to_the_same_file(tmp_path: 
     run("export_sessions", str(second), "--format", "full")
 
     assert second.read_bytes() == first.read_bytes()
+    anonymous = Conversation.objects.get(session_owner=session_owner_token("anon-session-key"))
+    assert selectors.access_conversation(
+        conversation_id=anonymous.pk, user=None, session_key="anon-session-key"
+    )
 
 
 def test_it_exports_the_shown_branch_of_each_conversation_in_the_original_format(tmp_path: Path) -> None:
@@ -144,3 +156,22 @@ def test_it_replaces_conversations_with_their_own_full_export(tmp_path: Path) ->
     again = tmp_path / "again.json"
     run("export_sessions", str(again))
     assert again.read_bytes() == backup.read_bytes()
+
+
+def test_it_refuses_to_export_two_conversations_under_one_session_id(tmp_path: Path) -> None:
+    site, _ = make_conversation("made on the site")
+    imported, _ = make_conversation("imported")
+    # What a full-format import could make before it refused it: conversation
+    # A (no session id, exported under its UUID) and B whose session id is A's UUID.
+    Conversation.objects.filter(pk=imported.pk).update(external_id=str(site.pk))
+    target = tmp_path / "sessions.json"
+
+    with pytest.raises(CommandError) as caught:
+        run("export_sessions", str(target), "--format", "original")
+    assert f'would both be session "{site.pk}" in the original format' in str(caught.value)
+    assert "Nothing was exported" in str(caught.value)
+    assert not target.exists()
+    with pytest.raises(sessions_io.SessionsExportError):
+        sessions_io.export_data(format="original")
+    run("export_sessions", str(target))
+    assert len(json.loads(target.read_text(encoding="utf-8"))["conversations"]) == 2

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
 
-from chat import selectors
+from chat import selectors, sessions_io
 from chat.models import Conversation, Message
-from tests.base import make_conversation, make_user
+from chat.owners import session_owner_token
+from tests.base import add_reply, make_conversation, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -76,7 +78,7 @@ def test_it_imports_the_original_format_as_it_is_and_exports_it_back_identically
         assert all(m.status == Message.Status.COMPLETE for m in branch)
         assert conversation.model_name == "smollm2-135m"
         assert conversation.owner is None
-        assert conversation.session_key == ""
+        assert conversation.session_owner == ""
     assert Conversation.objects.get(external_id="session-2").title.startswith('<script>alert("x")')
 
     exported = tmp_path / "out.json"
@@ -149,6 +151,11 @@ BAD_FILES: list[tuple[str, str | Any, str]] = [
     ),
     ("a NUL character", '{"s1": [{"role": "user", "content": "a\\u0000"}]}', "NUL character"),
     ("an empty session id", {"": []}, 'session "": its id must not be empty'),
+    (
+        "a number too long to read",
+        '{"s1": [{"role": "user", "content": ' + "1" * 5000 + "}]}",
+        "not valid JSON",
+    ),
     ("a session id too long", {"x" * 300: []}, "its id is longer than 255 characters"),
 ]
 
@@ -301,6 +308,43 @@ BAD_FULL_FILES: list[tuple[str, Any, str]] = [
         full_file({"id": "abc", "messages": []}),
         'conversation index 0: "id" must be a UUID',
     ),
+    (
+        "a message time before the year 1 in UTC",
+        full_file(
+            {"id": C1, "messages": [message(M1), message(M2, M1, created_at="0001-01-01T00:00:00+05:00")]}
+        ),
+        f'session "{C1}", message index 1: "created_at" "0001-01-01T00:00:00+05:00" is out of range',
+    ),
+    (
+        "a conversation time after the year 9999 in UTC",
+        full_file({"id": C1, "updated_at": "9999-12-31T23:00:00-05:00", "messages": []}),
+        f'session "{C1}": "updated_at" "9999-12-31T23:00:00-05:00" is out of range',
+    ),
+    (
+        "a measure too large for a number",
+        full_file({"id": C1, "messages": [message(M1, tokens_per_second=10**400)]}),
+        f'session "{C1}", message index 0: "tokens_per_second" is too large',
+    ),
+    (
+        "a session key where the owner token goes",
+        full_file({"id": C1, "session_owner": "anon-key", "messages": []}),
+        '"session_owner" must be empty or the token an export wrote (64 lowercase hexadecimal digits)',
+    ),
+    (
+        "a raw session key",
+        full_file({"id": C1, "session_key": "anon-key", "messages": []}),
+        'has unknown key(s): "session_key"',
+    ),
+    (
+        "a session id that is the id of another conversation",
+        full_file({"id": C1, "messages": []}, {"id": C2, "session_id": C1, "messages": []}),
+        f'session "{C1}": this session id is the id of another conversation of the file',
+    ),
+    (
+        "a session id that spells the id of another conversation otherwise",
+        full_file({"id": C2, "session_id": C1.upper(), "messages": []}, {"id": C1, "messages": []}),
+        f'session "{C1.upper()}": this session id is the id of another conversation of the file',
+    ),
 ]
 
 
@@ -339,7 +383,7 @@ def test_it_imports_a_full_file_with_owners_and_branches(tmp_path: Path) -> None
                 message(M3, M1, "assistant", created_at="2030-01-01T00:00:00Z"),
             ],
         },
-        {"id": C2, "session_key": "anon-key", "messages": []},
+        {"id": C2, "session_owner": session_owner_token("anon-key"), "messages": []},
     )
     run("import_sessions", str(write(tmp_path, data)))
     conversation = Conversation.objects.get(pk=C1)
@@ -351,4 +395,71 @@ def test_it_imports_a_full_file_with_owners_and_branches(tmp_path: Path) -> None
     assert [str(m.id) for m in selectors.shown_branch(conversation)] == [M1, M3]
     # Nobody is writing a reply that was streaming when it was exported.
     assert Message.objects.get(pk=M2).status == Message.Status.INTERRUPTED
-    assert Conversation.objects.get(pk=C2).session_key == "anon-key"
+    assert Conversation.objects.get(pk=C2).session_owner == session_owner_token("anon-key")
+    assert selectors.conversations_of(user=None, session_key="anon-key").get().pk == uuid.UUID(C2)
+
+
+def test_it_refuses_an_id_that_is_the_session_id_of_a_conversation_here(tmp_path: Path) -> None:
+    # An original-format session whose id is the UUID of no conversation here.
+    run("import_sessions", str(write(tmp_path, {C1: [{"role": "user", "content": "imported"}]}, "old.json")))
+    before = database_state()
+    data = full_file({"id": C1, "messages": [message(M1)]})
+    for replace in ((), ("--replace",)):
+        with pytest.raises(CommandError) as caught:
+            run("import_sessions", str(write(tmp_path, data)), *replace)
+        assert f'session "{C1}": its id {C1} is the session id of another conversation here' in str(
+            caught.value
+        )
+        assert database_state() == before
+
+
+def test_it_reports_a_write_the_database_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run("import_sessions", str(write(tmp_path, {"a": [{"role": "user", "content": "first"}]}, "a.json")))
+    before = database_state()
+    # As if another process wrote session "a" after the import looked for it.
+    monkeypatch.setattr(sessions_io, "_existing_matches", lambda plans: {})
+    data = {"b": [{"role": "user", "content": "new"}], "a": [{"role": "user", "content": "again"}]}
+    with pytest.raises(CommandError) as caught:
+        run("import_sessions", str(write(tmp_path, data)))
+    assert "the database refused the import" in str(caught.value)
+    assert "Nothing was imported" in str(caught.value)
+    assert database_state() == before
+
+
+@pytest.mark.parametrize("owned_by", ["user", "session"])
+def test_it_refuses_to_replace_a_conversation_with_an_owner_from_an_original_file(
+    tmp_path: Path, owned_by: str
+) -> None:
+    if owned_by == "user":
+        conversation, _ = make_conversation("mine", "yes", owner=make_user("alice"))
+    else:
+        conversation, _ = make_conversation("mine", "yes", session_key="anon-key")
+    before = database_state()
+    source = write(tmp_path, {str(conversation.pk): [{"role": "user", "content": "not mine"}]})
+
+    with pytest.raises(CommandError) as caught:
+        run("import_sessions", str(source), "--replace")
+    assert f"it would replace conversation {conversation.pk}, which has an owner" in str(caught.value)
+    assert database_state() == before
+    # Without --replace it is skipped, as before.
+    assert "Skipped 1 session" in run("import_sessions", str(source))
+
+
+def test_it_refuses_to_replace_a_conversation_with_branches_from_an_original_file(tmp_path: Path) -> None:
+    conversation, (question, _) = make_conversation("question", "first answer")
+    add_reply(conversation, question, "second answer")
+    before = database_state()
+    source = write(tmp_path, {str(conversation.pk): [{"role": "user", "content": "question"}]})
+
+    with pytest.raises(CommandError) as caught:
+        run("import_sessions", str(source), "--replace")
+    assert "which has 1 message off its shown branch" in str(caught.value)
+    assert database_state() == before
+
+
+def test_it_replaces_a_conversation_of_one_branch_and_no_owner_from_an_original_file(tmp_path: Path) -> None:
+    conversation, _ = make_conversation("old question", "old answer")
+    source = write(tmp_path, {str(conversation.pk): [{"role": "user", "content": "new question"}]})
+    assert "Replaced 1 session" in run("import_sessions", str(source), "--replace")
+    replaced = Conversation.objects.get(external_id=str(conversation.pk))
+    assert [m.content for m in selectors.shown_branch(replaced)] == ["new question"]

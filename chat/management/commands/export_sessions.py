@@ -25,7 +25,10 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         path: str = options["path"]
-        data = sessions_io.export_data(format=options["format"])
+        try:
+            data = sessions_io.export_data(format=options["format"])
+        except sessions_io.SessionsExportError as exc:
+            raise CommandError(f"{exc}. Nothing was exported.") from None
         text = sessions_io.dumps(data)
         if path == "-":
             self.stdout.write(text, ending="")
