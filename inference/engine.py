@@ -9,10 +9,14 @@ Threading contract
   worker is busy and every place is taken, :meth:`Engine.stream` raises
   :class:`EngineBusy` at once instead of letting the caller wait unbounded.
   A request cancelled while it waits leaves the queue at once.
-* The weights load lazily, on the first request or the first token count, under
-  ``_load_lock``. Tokenizing reads only the model's vocabulary, which llama.cpp
-  never changes after loading, so :meth:`count_prompt_tokens` may run on any
-  thread once the model is loaded.
+* The weights load lazily, on the first request or the first token count, and
+  always in the worker thread: a model loaded in one thread and decoded in
+  another decodes about nine times slower on CPU (llama.cpp's OpenMP threads
+  of the loading thread keep spinning; measured by bench/bench.py). Another
+  thread that needs the model puts a load request at the head of the queue
+  and waits for it. Tokenizing reads only the model's vocabulary, which
+  llama.cpp never changes after loading, so :meth:`count_prompt_tokens` may
+  run on any thread once the model is loaded.
 * Events travel from the worker to the caller's event loop through
   ``loop.call_soon_threadsafe``; nothing in this module blocks a loop.
 * A cancel is a ``threading.Event`` the worker reads between prompt chunks and
@@ -68,6 +72,18 @@ logger = logging.getLogger(__name__)
 PREFILL_CHUNK = 64
 
 _CLOSE = object()
+
+
+class _LoadRequest:
+    """Another thread's request that the worker load the model."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: InferenceError | None = None
+
+    def settle(self, error: InferenceError | None = None) -> None:
+        self.error = error
+        self.done.set()
 
 
 @functools.cache
@@ -222,15 +238,18 @@ class Engine:
         # An RLock (Condition's default): Generation.__del__ may run while this
         # thread already holds it.
         self._condition = threading.Condition()
-        self._waiting: collections.deque[_Job | object] = collections.deque()
+        self._waiting: collections.deque[_Job | _LoadRequest | object] = collections.deque()
         self._current: _Job | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
         self.n_gpu_layers = 0
         self.model_path: str | None = None
+        self.loaded_in_thread: str | None = None
         # Leading prompt tokens whose KV cache entries came from whole prefill
         # chunks; only these are reused (worker thread only).
         self._whole_chunks_cached = 0
+        # The prompt (less its last token) the last complete prefill evaluated.
+        self._last_prefill: list[int] = []
 
     # -- state, read by /health and the metrics ------------------------------
 
@@ -250,7 +269,7 @@ class Engine:
     @property
     def waiting(self) -> int:
         with self._condition:
-            return sum(1 for job in self._waiting if job is not _CLOSE)
+            return sum(1 for job in self._waiting if isinstance(job, _Job))
 
     @property
     def running(self) -> bool:
@@ -264,7 +283,7 @@ class Engine:
 
     def _is_full(self) -> bool:
         places = self.queue_size + (0 if self._current is not None else 1)
-        return len(self._waiting) >= places
+        return sum(1 for job in self._waiting if isinstance(job, _Job)) >= places
 
     # -- the async API ---------------------------------------------------------
 
@@ -312,6 +331,10 @@ class Engine:
                 return
             self._closed = True
             pending = self._take_waiting(lambda job: True)
+            for request in self._waiting:
+                if isinstance(request, _LoadRequest):
+                    request.settle(ModelUnavailable(f"model {self.spec.name!r} is shutting down"))
+            self._waiting.clear()
             self._waiting.append(_CLOSE)
             self._condition.notify()
             if self._current is not None:
@@ -356,22 +379,37 @@ class Engine:
             with self._condition:
                 while not self._waiting:
                     self._condition.wait()
-                job = self._waiting.popleft()
-                if job is _CLOSE:
-                    break
-                assert isinstance(job, _Job)
-                self._current = job
-                metrics.requests_waiting.labels(self.spec.name).dec()
-            job.started_at = time.monotonic()
+                item = self._waiting.popleft()
+                if isinstance(item, _Job):
+                    self._current = item
+                    metrics.requests_waiting.labels(self.spec.name).dec()
+            if item is _CLOSE:
+                break
+            if isinstance(item, _LoadRequest):
+                self._serve_load_request(item)
+                continue
+            assert isinstance(item, _Job)
+            item.started_at = time.monotonic()
             metrics.requests_running.labels(self.spec.name).inc()
             try:
-                self._serve(job)
+                self._serve(item)
             except Exception as exc:  # never let one request kill the worker
                 logger.exception("engine %s failed on a request", self.spec.name)
-                self._finish(job, "error", error=str(exc) or type(exc).__name__)
+                self._finish(item, "error", error=str(exc) or type(exc).__name__)
             finally:
-                self._release(job)
+                self._release(item)
         self._free()
+
+    def _serve_load_request(self, request: _LoadRequest) -> None:
+        try:
+            self._ensure_loaded()
+        except InferenceError as exc:
+            request.settle(exc)
+        except Exception as exc:  # never let a load kill the worker
+            logger.exception("engine %s failed to load", self.spec.name)
+            request.settle(ModelUnavailable(f"model {self.spec.name!r} failed to load: {exc}"))
+        else:
+            request.settle()
 
     def _serve(self, job: _Job) -> None:
         if job.cancelled.is_set():
@@ -460,22 +498,29 @@ class Engine:
         before it. Prompts are therefore evaluated in chunks of ``PREFILL_CHUNK``
         tokens at fixed positions (0, C, 2C, ...), and only whole chunks are
         reused: a position's values then never depend on the request's history,
-        and temperature 0 with a seed gives the same text every time. Between
-        chunks the cancel flag is read. Returns False when cancelled; the
-        chunks evaluated so far stay cached.
+        and temperature 0 with a seed gives the same text every time. The one
+        exception: the very prompt evaluated last (a regenerated reply, a
+        repeated request) is reused whole, its last partial chunk included,
+        since it was computed in the same batches. Between chunks the cancel
+        flag is read. Returns False when cancelled; the chunks evaluated so far
+        stay cached.
         """
         chunk = max(1, min(PREFILL_CHUNK, self.spec.n_batch))
+        end = len(prompt) - 1
         common = 0
-        for a, b in zip(llama.input_ids[: llama.n_tokens], prompt[:-1], strict=False):
+        for a, b in zip(llama.input_ids[: llama.n_tokens], prompt[:end], strict=False):
             if a != b:
                 break
             common += 1
-        reused = min(common, self._whole_chunks_cached) // chunk * chunk
+        if common == end and self._last_prefill == prompt[:end]:
+            reused = end
+        else:
+            reused = min(common, self._whole_chunks_cached) // chunk * chunk
+        self._last_prefill = []
         llama.n_tokens = reused
-        self._whole_chunks_cached = reused
+        self._whole_chunks_cached = min(reused // chunk * chunk, self._whole_chunks_cached)
         metrics.prefix_cache_queries.labels(self.spec.name).inc(len(prompt))
         metrics.prefix_cache_hits.labels(self.spec.name).inc(reused)
-        end = len(prompt) - 1
         for start in range(reused, end, chunk):
             if cancelled.is_set():
                 return False
@@ -483,7 +528,10 @@ class Engine:
             llama.eval(batch)
             if len(batch) == chunk:
                 self._whole_chunks_cached = start + chunk
-        return not cancelled.is_set()
+        if cancelled.is_set():
+            return False
+        self._last_prefill = prompt[:end]
+        return True
 
     def _release(self, job: _Job) -> None:
         """Mark the worker free of ``job``; idempotent.
@@ -550,16 +598,50 @@ class Engine:
         return tokens, ((stop,) if isinstance(stop, str) else tuple(s for s in stop if s))
 
     def _ensure_loaded(self) -> Llama:
+        """The loaded model, loading it in the worker thread if needed."""
         llama = self._llama
         if llama is not None:
             return llama
+        if threading.current_thread() is not self._thread:
+            return self._load_in_worker()
         with self._load_lock:
             if self._closed:
                 raise ModelUnavailable(f"model {self.spec.name!r} is shutting down")
             if self._llama is None:
-                self._load()
+                try:
+                    self._load()
+                finally:
+                    self._settle_load_requests()
             assert self._llama is not None
             return self._llama
+
+    def _load_in_worker(self) -> Llama:
+        request = _LoadRequest()
+        with self._condition:
+            if self._closed:
+                raise ModelUnavailable(f"model {self.spec.name!r} is shutting down")
+            # At the head: it must not wait behind requests that need the model anyway.
+            self._waiting.appendleft(request)
+            self._ensure_thread()
+            self._condition.notify()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert self._llama is not None
+        return self._llama
+
+    def _settle_load_requests(self) -> None:
+        """After a load (or a failed one), answer every waiting load request:
+        a request that loaded the model first must not leave them queued."""
+        error = (
+            None if self._llama is not None else ModelUnavailable(f"model {self.spec.name!r} failed to load")
+        )
+        with self._condition:
+            requests = [item for item in self._waiting if isinstance(item, _LoadRequest)]
+            for request in requests:
+                self._waiting.remove(request)
+        for request in requests:
+            request.settle(error)
 
     def _load(self) -> None:
         from llama_cpp import Llama, llama_chat_format
@@ -591,6 +673,7 @@ class Engine:
             self._formatter = llama_chat_format.format_chatml
         self.n_gpu_layers = n_gpu_layers
         self.model_path = str(path)
+        self.loaded_in_thread = threading.current_thread().name
         self._vocabulary = vocabulary
         self._llama = llama
         metrics.record_model_loaded(model=self.spec.name, gpu_offload=n_gpu_layers != 0, loaded=True)

@@ -184,3 +184,35 @@ async def test_it_reports_where_the_layers_went(engine: Engine) -> None:
     await asyncio.to_thread(engine.load)
     assert engine.gpu_offload == gpu_offload_supported()
     assert engine.n_gpu_layers == (-1 if gpu_offload_supported() else 0)
+
+
+async def test_it_loads_the_model_in_its_own_thread_when_another_thread_needs_it() -> None:
+    fresh = make_engine()
+    try:
+        # A token count from a worker thread (as the chat site does) loads the
+        # model, but in the engine's thread: decoding in another thread than
+        # the one that loaded the model is about nine times slower on CPU.
+        tokens = await asyncio.to_thread(fresh.count_prompt_tokens, greedy("Hello!").messages)
+        assert tokens > 0
+        assert fresh.loaded_in_thread == f"engine-{fresh.spec.name}"
+        _, final = await collect(fresh, greedy("Hello!", max_tokens=4))
+        assert final.prompt_tokens == tokens
+    finally:
+        fresh.close()
+
+
+async def test_it_reuses_the_whole_cached_prompt_when_the_same_request_comes_again(engine: Engine) -> None:
+    from prometheus_client import REGISTRY
+
+    def hits() -> float:
+        return REGISTRY.get_sample_value("chatsite_prefix_cache_hits_total", {"model": engine.spec.name}) or 0.0
+
+    request = greedy("Tell me about rivers. " * 20, max_tokens=16)
+    first, first_final = await collect(engine, request)
+    before = hits()
+    second, second_final = await collect(engine, request)
+    # Everything but the last prompt token came from the cache, and the reply
+    # is the same as when the prompt was evaluated from scratch.
+    assert hits() - before == second_final.prompt_tokens - 1
+    assert second == first
+    assert second_final.completion_tokens == first_final.completion_tokens
