@@ -205,7 +205,8 @@ async def test_it_reuses_the_whole_cached_prompt_when_the_same_request_comes_aga
     from prometheus_client import REGISTRY
 
     def hits() -> float:
-        return REGISTRY.get_sample_value("chatsite_prefix_cache_hits_total", {"model": engine.spec.name}) or 0.0
+        labels = {"model": engine.spec.name}
+        return REGISTRY.get_sample_value("chatsite_prefix_cache_hits_total", labels) or 0.0
 
     request = greedy("Tell me about rivers. " * 20, max_tokens=16)
     first, first_final = await collect(engine, request)
