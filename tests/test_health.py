@@ -8,7 +8,7 @@ from django.test.utils import override_settings
 
 from inference import registry
 from inference.engine import Engine, gpu_offload_supported
-from inference.types import TextDelta
+from inference.types import Finished, TextDelta
 from tests.conftest import greedy
 
 
@@ -26,13 +26,15 @@ def test_it_reports_models_offload_and_version(client: Client) -> None:
 
 async def test_it_answers_health_while_a_generation_runs(engine: Engine, async_client: AsyncClient) -> None:
     generation = engine.stream(greedy("Write a long story about a dragon.", max_tokens=300))
-    async with generation:
-        first = await generation.__anext__()
-        assert isinstance(first, TextDelta)
-        response = await async_client.get("/health")
-        # The answer came back while the engine was still generating.
-        assert engine.running
-        generation.cancel()
+    first = await generation.__anext__()
+    assert isinstance(first, TextDelta)
+    response = await async_client.get("/health")
+    # The answer came back while the engine was still generating.
+    assert engine.running
+    generation.cancel()
+    events = [event async for event in generation]
+    assert isinstance(events[-1], Finished)
+    assert events[-1].reason == "cancelled"
     assert response.status_code == 200
     default = next(model for model in response.json()["models"] if model["default"])
     assert default["loaded"] is True

@@ -27,6 +27,9 @@ async def scrape(client: AsyncClient) -> Scrape:
 async def test_it_counts_requests_and_tokens_exactly_as_the_engine_reported(
     engine: Engine, async_client: AsyncClient
 ) -> None:
+    # A request another test left behind would be counted here too.
+    assert not engine.running
+    assert engine.waiting == 0
     before = await scrape(async_client)
     finals: list[Finished] = []
     for question, max_tokens in [("Name a fruit.", 12), ("Tell me a joke.", 30), ("Say yes.", 4)]:
