@@ -14,9 +14,10 @@ Threading contract
   free. (With an OpenMP build of llama.cpp, a model loaded in one thread and
   decoded in another decodes about nine times slower on CPU, as bench/bench.py
   showed; the Makefile builds without OpenMP.) Another thread that needs the
-  model puts a load request at the head of the queue and waits for it. Tokenizing reads only the model's vocabulary, which
-  llama.cpp never changes after loading, so :meth:`count_prompt_tokens` may
-  run on any thread once the model is loaded.
+  model puts a load request at the head of the queue and waits for it.
+  Tokenizing reads only the model's vocabulary, which llama.cpp never changes
+  after loading, so :meth:`count_prompt_tokens` may run on any thread once the
+  model is loaded.
 * Events travel from the worker to the caller's event loop through
   ``loop.call_soon_threadsafe``; nothing in this module blocks a loop.
 * A cancel is a ``threading.Event`` the worker reads between prompt chunks and
