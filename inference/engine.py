@@ -152,7 +152,7 @@ class _Vocabulary:
         return str(self._llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace"))
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity when taken out of the queue
 class _Job:
     """One request, with its progress as the worker makes it."""
 
@@ -628,8 +628,10 @@ class Engine:
         request.done.wait()
         if request.error is not None:
             raise request.error
-        assert self._llama is not None
-        return self._llama
+        llama = self._llama
+        if llama is None:  # closed between the load and now
+            raise ModelUnavailable(f"model {self.spec.name!r} is shutting down")
+        return llama
 
     def _settle_load_requests(self) -> None:
         """After a load (or a failed one), answer every waiting load request:
