@@ -135,7 +135,8 @@ LOGGING = {
     },
 }
 
-# Tests and management commands must never download anything on their own.
+# The hub client is used only to fetch configured hub models; it sends no usage
+# reports of its own.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # A bearer token that /metrics requires; empty leaves /metrics open.

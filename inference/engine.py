@@ -220,7 +220,6 @@ class Generation:
     def __del__(self) -> None:
         # A consumer that stops iterating and drops the stream cancels it.
         if not self._done:
-            self._job.cancelled.set()
             self.cancel()
 
 

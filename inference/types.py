@@ -7,9 +7,9 @@ REST API, a remote inference worker and the tests all speak the same language.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant")
@@ -117,25 +117,6 @@ class SamplingParams:
         )
         if self.seed is not None:
             check(0 <= self.seed < 2**32, "seed must be between 0 and 4294967295")
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], **defaults: Any) -> SamplingParams:
-        """Build from user-supplied keys (a JSON body, a WebSocket frame).
-
-        Unknown keys are rejected by name so that a typo is not silently ignored.
-        """
-        allowed = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise InvalidRequest(f"unknown sampling parameter(s): {', '.join(unknown)}")
-        values = {**defaults, **data}
-        stop = values.get("stop", ())
-        if isinstance(stop, str):
-            stop = (stop,)
-        elif isinstance(stop, list):
-            stop = tuple(stop)
-        values["stop"] = stop
-        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,47 @@
+"""Requests and sampling parameters refuse bad values with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference.types import ChatMessage, GenerationRequest, InvalidRequest, SamplingParams
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"temperature": -0.1}, "temperature must be between 0 and 2"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"temperature": "hot"}, "temperature must be a number"),
+        ({"top_p": 0}, "top_p must be greater than 0 and at most 1"),
+        ({"repeat_penalty": 0}, "repeat_penalty must be greater than 0"),
+        ({"top_k": -1}, "top_k must be 0"),
+        ({"top_k": 1.5}, "top_k must be an integer"),
+        ({"max_tokens": 0}, "max_tokens must be at least 1"),
+        ({"max_tokens": True}, "max_tokens must be an integer"),
+        ({"stop": ("",)}, "stop must be a list of non-empty strings"),
+        ({"stop": tuple("abcdefghijklmnopq")}, "stop takes at most 16 strings"),
+        ({"seed": 2**32}, "seed must be between 0 and 4294967295"),
+        ({"seed": "1"}, "seed must be an integer"),
+    ],
+)
+def test_it_refuses_a_bad_sampling_parameter_by_name(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        SamplingParams(**changes)  # type: ignore[arg-type]
+
+
+def test_it_accepts_the_defaults_and_the_extremes() -> None:
+    SamplingParams()
+    SamplingParams(temperature=0, top_p=1, top_k=0, max_tokens=1, seed=0, stop=("\n",))
+    SamplingParams(temperature=2, seed=2**32 - 1)
+
+
+def test_it_refuses_an_unknown_role_and_an_empty_request() -> None:
+    with pytest.raises(InvalidRequest, match="role must be one of system, user, assistant"):
+        ChatMessage("tool", "hi")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="message content must be a string"):
+        ChatMessage("user", 3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="at least one message"):
+        GenerationRequest([])
+    with pytest.raises(InvalidRequest, match="unknown transport"):
+        GenerationRequest([ChatMessage("user", "hi")], transport="carrier-pigeon")  # type: ignore[arg-type]
