@@ -59,6 +59,9 @@ class Conversation(ExportModelOperationsMixin("conversation"), models.Model):  #
     title = models.CharField(max_length=200, blank=True)
     model_name = models.CharField("model", max_length=100)
     system_prompt = models.TextField(blank=True)
+    # Sampling settings the person chose for this conversation; None: the defaults.
+    temperature = models.FloatField(null=True, blank=True)
+    max_tokens = models.PositiveIntegerField("max tokens", null=True, blank=True)
     # Set explicitly by the services (not auto_now) so that an import keeps the
     # times of the file it reads.
     created_at = models.DateTimeField(default=timezone.now)
@@ -144,6 +147,13 @@ class Message(ExportModelOperationsMixin("message"), models.Model):  # type: ign
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
     time_to_first_token = models.FloatField(null=True, blank=True, help_text="Seconds.")
     tokens_per_second = models.FloatField(null=True, blank=True)
+    # For a reply whose prompt left earlier messages out (too old, or beyond
+    # the context window): the first message of the branch the model saw.
+    context_starts_at = models.UUIDField(
+        null=True,
+        blank=True,
+        help_text="The first message the model saw when earlier ones were left out of its prompt.",
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

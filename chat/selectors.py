@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Exists, OuterRef, Q, QuerySet
 
 from chat.models import Conversation, Message
 from chat.owners import session_owner_token
@@ -189,8 +189,32 @@ def access_conversation(
 
 
 def conversations_of(
-    *, user: AbstractBaseUser | AnonymousUser | None, session_key: str | None
+    *, user: AbstractBaseUser | AnonymousUser | None, session_key: str | None, search: str = ""
 ) -> QuerySet[Conversation]:
     """The conversations of a user or session, most recently updated first,
-    each annotated with ``message_count``."""
-    return _owned_by(user, session_key).annotate(message_count=Count("messages")).order_by("-updated_at")
+    each annotated with ``message_count``. ``search`` keeps those whose title
+    or any message contains it (case-insensitive)."""
+    conversations = _owned_by(user, session_key)
+    search = search.strip()
+    if search:
+        conversations = conversations.filter(
+            Q(title__icontains=search)
+            | Exists(Message.objects.filter(conversation=OuterRef("pk"), content__icontains=search))
+        )
+    return conversations.annotate(message_count=Count("messages")).order_by("-updated_at")
+
+
+def branch_for_display(conversation: Conversation) -> dict[str, object]:
+    """What ``templates/chat/_branch.html`` shows of a conversation (one query).
+
+    ``entries``: the shown branch with sibling positions; ``view_starts_at``:
+    the message before which the newest reply's prompt left earlier messages
+    out (the page marks it), or None.
+    """
+    entries = shown_branch_with_siblings(conversation)
+    view_starts_at = None
+    for entry in reversed(entries):
+        if entry.message.role == Message.Role.ASSISTANT and entry.message.status != Message.Status.STREAMING:
+            view_starts_at = entry.message.context_starts_at
+            break
+    return {"conversation": conversation, "entries": entries, "view_starts_at": view_starts_at}

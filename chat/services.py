@@ -13,6 +13,9 @@ or a disconnect loses nothing that was streamed; at start-up
 
 from __future__ import annotations
 
+import math
+import uuid
+
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
 from django.db.models import F, QuerySet, TextField, Value
@@ -26,6 +29,8 @@ from chat.selectors import MessageTree, message_tree
 # The statuses a finished reply may end with.
 FINAL_STATUSES = (Message.Status.COMPLETE, Message.Status.STOPPED, Message.Status.ERROR)
 TITLE_MAX_LENGTH = Conversation._meta.get_field("title").max_length or 200
+# The longest reply a conversation's settings may ask for.
+MAX_TOKENS_LIMIT = 32_768
 
 
 def _touch(conversation: Conversation, **changes: object) -> None:
@@ -131,6 +136,7 @@ def do_finish_reply(
     time_to_first_token: float | None = None,
     tokens_per_second: float | None = None,
     error: str = "",
+    context_starts_at: uuid.UUID | None = None,
 ) -> Message:
     """Close a streaming reply as complete, stopped or error, with its counts.
 
@@ -149,8 +155,10 @@ def do_finish_reply(
     current.time_to_first_token = time_to_first_token
     current.tokens_per_second = tokens_per_second
     current.error = error
+    current.context_starts_at = context_starts_at
     current.save(
         update_fields=[
+            "context_starts_at",
             "status",
             "finish_reason",
             "prompt_tokens",
@@ -223,6 +231,36 @@ def do_switch_to_sibling(*, message: Message) -> Message:
 @transaction.atomic
 def do_rename_conversation(*, conversation: Conversation, title: str) -> None:
     _touch(conversation, title=title.strip()[:TITLE_MAX_LENGTH])
+
+
+@transaction.atomic
+def do_update_conversation_settings(
+    *,
+    conversation: Conversation,
+    model_name: str,
+    system_prompt: str,
+    temperature: float | None,
+    max_tokens: int | None,
+) -> None:
+    """Set the model and the reply settings a conversation uses from now on.
+
+    ``temperature`` and ``max_tokens`` None mean the defaults. Raises
+    ``ValueError`` naming the setting that is out of range (the model name is
+    checked against the configured models by the caller).
+    """
+    if not model_name:
+        raise ValueError("a conversation needs a model")
+    if temperature is not None and not (math.isfinite(temperature) and 0 <= temperature <= 2):
+        raise ValueError("temperature must be between 0 and 2")
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise ValueError(f"max tokens must be between 1 and {MAX_TOKENS_LIMIT}")
+    _touch(
+        conversation,
+        model_name=model_name,
+        system_prompt=system_prompt,
+        temperature=temperature,
+        max_tokens=max_tokens,
+    )
 
 
 @transaction.atomic

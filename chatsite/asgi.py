@@ -19,7 +19,8 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
-from chat.routing import websocket_urlpatterns  # noqa: E402
+from api.routing import websocket_urlpatterns as api_websocket_urlpatterns  # noqa: E402
+from chat.routing import websocket_urlpatterns as chat_websocket_urlpatterns  # noqa: E402
 from chat.startup import recover_interrupted_replies  # noqa: E402
 
 recover_interrupted_replies()
@@ -27,6 +28,8 @@ recover_interrupted_replies()
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(URLRouter([*chat_websocket_urlpatterns, *api_websocket_urlpatterns]))
+        ),
     }
 )

@@ -12,6 +12,7 @@ process at start-up instead of surfacing on the first request.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -154,3 +155,40 @@ def database_from_url(url: str) -> dict[str, Any]:
             "timeout": 20,
         }
     return entry
+
+
+def secret_key_from_file(path: Path) -> str:
+    """The secret key kept in ``path``, generated there first when missing.
+
+    The file is readable and writable by its owner only. It is written under
+    another name and linked into place, so that two processes starting at
+    once agree on one key and none ever reads a half-written file.
+    """
+    import secrets
+    import tempfile
+
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        key = ""
+    except OSError as exc:
+        raise ConfigError(f"server.secret_key_file {path} cannot be read: {exc}") from None
+    if key:
+        return key
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".secret_key-")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as file:
+                file.write(secrets.token_urlsafe(50) + "\n")
+            # Another process may have won the race: its key is the one.
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)
+        finally:
+            os.unlink(temporary)
+        key = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"server.secret_key_file {path} cannot be created: {exc}") from None
+    if not key:
+        raise ConfigError(f"server.secret_key_file {path} is empty; delete it or set server.secret_key")
+    return key

@@ -9,16 +9,20 @@ table, the default model) are checked by the system checks of ``inference``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from chatsite import config
 from chatsite.config import BASE_DIR
 
 DEBUG = config.get_bool("server.debug", False)
 
-# A key generated per install would log everybody out at each restart; an
-# operator sets a real one. The fallback is only acceptable with DEBUG or on
-# loopback, which the deploy check (manage.py check --deploy) reports.
-SECRET_KEY = config.get_str("server.secret_key", "chatsite-insecure-development-key-change-me")
+# No key ships with the code (a known key would sign everybody's sessions):
+# without server.secret_key, one is generated at the first start and kept in
+# server.secret_key_file, readable by its owner only, so that sessions and the
+# hashed session owners of conversations survive restarts.
+SECRET_KEY = config.get_str("server.secret_key", "") or config.secret_key_from_file(
+    Path(config.get_str("server.secret_key_file", str(BASE_DIR / "var" / "secret_key")))
+)
 
 ALLOWED_HOSTS = config.get_list("server.allowed_hosts", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = config.get_list("server.csrf_trusted_origins", [])
@@ -35,8 +39,10 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "django_prometheus",
+    "csp",
     "inference",
     "chat",
+    "api",
 ]
 
 MIDDLEWARE = [
@@ -49,6 +55,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
@@ -146,3 +153,37 @@ CHATSITE_METRICS_TOKEN = config.get_str("metrics.token", "")
 # The prompt keeps at most this many of the most recent messages of the shown
 # branch (20 in the original service), before trimming to the context window.
 CHATSITE_MAX_HISTORY_MESSAGES = config.get_int("chat.max_history_messages", 20, minimum=1)
+# A reply is generated for a user or for an anonymous browser session; with
+# this on, only signed-in users may chat (the site redirects to the login page
+# and the WebSocket refuses anonymous connections).
+CHATSITE_REQUIRE_LOGIN = config.get_bool("chat.require_login", False)
+# After a conversation's first reply, the model writes it a short title, as a
+# low-priority request that gives way to every reply.
+CHATSITE_GENERATE_TITLES = config.get_bool("chat.generate_titles", True)
+# The longest message the site accepts, in characters (WebSocket frames are
+# refused past about four times this many bytes).
+CHATSITE_MAX_MESSAGE_CHARS = config.get_int("chat.max_message_chars", 32_000, minimum=1)
+
+# --- Accounts ------------------------------------------------------------------
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "home"
+
+# --- Content-Security-Policy (django-csp) ----------------------------------------
+# Every script and style is a file of this site: no inline script, no other
+# origin (the WebSocket is same-origin too). Images from the site or data:
+# URLs only, so that a remote image in a reply is never fetched.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "connect-src": ["'self'"],
+        "font-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    }
+}

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
-from chat import views as chat_views
 from inference import views as inference_views
 
 urlpatterns = [
-    path("", chat_views.home, name="home"),
+    path("", include("chat.urls")),
+    path("", include("api.urls")),
     path("admin/", admin.site.urls),
     path("health", inference_views.health, name="health"),
     path("ready", inference_views.ready, name="ready"),
