@@ -33,7 +33,7 @@ LLAMA_WHEELS ?= $(HOME)/.cache/chatsite/llama-cpp-python/$(LLAMA_VERSION)-$(LLAM
 
 STAMPS := $(VENV)/.stamps
 
-.PHONY: install install-dev run test lint typecheck pytest migrate static clean bench
+.PHONY: install install-dev system-packages run test lint typecheck pytest migrate static clean bench
 
 install: $(STAMPS)/runtime-$(LLAMA_VARIANT)
 
@@ -64,6 +64,19 @@ $(STAMPS)/dev: requirements-dev.txt $(STAMPS)/runtime-$(LLAMA_VARIANT)
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	@touch $@
 
+# Servers and the browser the tests drive, from Debian's packages (never a
+# browser download): installed with apt-get when missing.
+TEST_PROGRAMS := chromium:chromium redis-server:redis-server
+system-packages:
+	@missing=""; for pair in $(TEST_PROGRAMS); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages:$$missing"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
 migrate: install
 	$(BIN)/python manage.py migrate --noinput
 
@@ -82,7 +95,7 @@ lint: install-dev
 typecheck: install-dev
 	$(BIN)/mypy .
 
-pytest: install-dev
+pytest: install-dev system-packages
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 	$(BIN)/pytest $(PYTEST_ARGS)
 
