@@ -169,16 +169,17 @@ def build_prompt(
 
 
 def build_prompt_for_reply(
-    *, conversation: Conversation, branch: Sequence[Message], max_tokens: int
+    *, conversation: Conversation, branch: Sequence[Message], max_tokens: int, model_name: str = ""
 ) -> Prompt:
-    """:func:`build_prompt` with the conversation's model and the configured
-    history length (``chat.max_history_messages``).
+    """:func:`build_prompt` with the model that will reply (``model_name``, by
+    default the conversation's) and the configured history length
+    (``chat.max_history_messages``).
 
     Blocking: counting tokens loads the model on first use. Call it from a
     worker thread (``asyncio.to_thread``), not on the event loop and not in the
     database thread of ``database_sync_to_async``.
     """
-    engine = registry.get_engine(conversation.model_name)
+    engine = registry.get_engine(model_name or conversation.model_name)
     return build_prompt(
         conversation=conversation,
         branch=branch,

@@ -70,7 +70,7 @@ ALLOWED_ATTRIBUTES = {
 URL_SCHEMES = {"http", "https", "mailto"}
 
 
-class _EscapeRawHtml(Extension):
+class _EscapeRawHtml(Extension):  # type: ignore[misc]
     """Raw HTML in the text is shown as text, never passed through as markup."""
 
     def extendMarkdown(self, md: markdown.Markdown) -> None:  # Markdown names it so
@@ -78,7 +78,7 @@ class _EscapeRawHtml(Extension):
         md.inlinePatterns.deregister("html")
 
 
-class _ImagesAsLinks(Treeprocessor):
+class _ImagesAsLinks(Treeprocessor):  # type: ignore[misc]
     def run(self, root: etree.Element) -> None:
         for parent in root.iter():
             for index, child in enumerate(list(parent)):
@@ -91,7 +91,7 @@ class _ImagesAsLinks(Treeprocessor):
                 parent.insert(index, link)
 
 
-class _NoImages(Extension):
+class _NoImages(Extension):  # type: ignore[misc]
     def extendMarkdown(self, md: markdown.Markdown) -> None:  # Markdown names it so
         md.treeprocessors.register(_ImagesAsLinks(md), "images_as_links", 1)
 

@@ -1,7 +1,11 @@
-"""WebSocket routes; the chat consumer joins them with the chat site."""
+"""WebSocket routes of the chat site."""
 
 from __future__ import annotations
 
-from django.urls import URLPattern
+from django.urls import URLPattern, path
 
-websocket_urlpatterns: list[URLPattern] = []
+from chat.consumers import ChatConsumer
+
+websocket_urlpatterns: list[URLPattern] = [
+    path("ws/chat/", ChatConsumer.as_asgi(), name="chat-socket"),
+]

@@ -1,0 +1,307 @@
+"""The chat site's WebSocket: ``/ws/chat/``, protocol in docs/websocket.md.
+
+The consumer only translates: it checks each frame (:mod:`chat.frames`),
+calls the services, and runs one reply at a time through
+:class:`chat.replies.ReplyRun`, in a task of its own so that a "stop" frame is
+read while the reply streams. It keeps no state a reconnect would need: the
+conversation, its branch and every reply live in the database, so a page that
+reconnects simply reloads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.template.loader import render_to_string
+from django.urls import reverse
+
+from chat import frames, services, titles
+from chat.frames import FrameError
+from chat.models import Conversation, Message
+from chat.rendering import render_markdown
+from chat.replies import ReplyEnded, ReplyRun, ReplyStarted, ReplyText, sampling_for
+from chat.selectors import access_conversation, branch_for_display
+from inference.types import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+# How often the reply's text so far is sent rendered as HTML while it streams
+# (the page formats it at least twice a second).
+RENDER_INTERVAL = 0.3
+# How long closing the socket waits for the reply to be stored as stopped.
+STOP_TIMEOUT = 30.0
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+    """One browser tab. At most one reply streams per socket."""
+
+    async def connect(self) -> None:
+        self.user: AbstractBaseUser | None = None
+        self.session_key = ""
+        self.reply_task: asyncio.Task[None] | None = None
+        self.run: ReplyRun | None = None
+        self.run_conversation_id: uuid.UUID | None = None
+        self.title_tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+        user = self.scope.get("user")
+        if user is not None and user.is_authenticated:
+            self.user = user
+        elif settings.CHATSITE_REQUIRE_LOGIN:
+            await self.close(code=4401)
+            return
+        else:
+            session = self.scope.get("session")
+            self.session_key = (session.session_key if session is not None else None) or ""
+            if not self.session_key:
+                # The page creates the session; a socket without one owns nothing.
+                await self.close(code=4403)
+                return
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        self.closed = True
+        for task in self.title_tasks:
+            task.cancel()
+        if self.run is not None:
+            self.run.stop()
+        if self.reply_task is not None:
+            # The reply is stored as stopped before the consumer goes.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self.reply_task), STOP_TIMEOUT)
+
+    # -- frames in ---------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        try:
+            frame = frames.parse(text_data, bytes_data)
+            handler = getattr(self, f"on_{frame['type']}")
+            await handler(frame)
+        except FrameError as exc:
+            await self.send_error(exc.code, str(exc))
+        except Conversation.DoesNotExist:
+            await self.send_error("not_found", "No such conversation.")
+        except Message.DoesNotExist:
+            await self.send_error("not_found", "No such message in this conversation.")
+        except (InvalidRequest, ValueError) as exc:
+            await self.send_error("invalid", str(exc))
+
+    async def on_send(self, frame: dict[str, Any]) -> None:
+        content = frames.message_text(frame, "content")
+        model_name = frames.model_name(frame)
+        system_prompt = frames.optional_text(frame, "system_prompt", settings.CHATSITE_MAX_MESSAGE_CHARS)
+        overrides = frames.sampling_overrides(frame)
+        self.ensure_idle()
+        conversation_id = frames.optional_uuid(frame, "conversation")
+        if conversation_id is None:
+            conversation = await self.start_conversation(content, model_name, system_prompt or "")
+        else:
+            conversation = await self.access(conversation_id)
+        question = await database_sync_to_async(services.do_add_user_message)(
+            conversation=conversation, content=content
+        )
+        self.start_reply(conversation, question, overrides, model_name=model_name)
+
+    async def on_stop(self, frame: dict[str, Any]) -> None:
+        conversation_id = frames.required_uuid(frame, "conversation")
+        if self.run is None or self.run_conversation_id != conversation_id:
+            raise FrameError("idle", "No reply is being generated in this conversation.")
+        self.run.stop()
+
+    async def on_regenerate(self, frame: dict[str, Any]) -> None:
+        overrides = frames.sampling_overrides(frame)
+        model_name = frames.model_name(frame)
+        self.ensure_idle()
+        conversation = await self.access(frames.required_uuid(frame, "conversation"))
+        reply = await self.message_of(conversation, frames.required_uuid(frame, "message"))
+        if reply.role != Message.Role.ASSISTANT or reply.parent_id is None:
+            raise FrameError("invalid", "Only a reply can be regenerated.")
+        parent = await database_sync_to_async(lambda: reply.parent)()
+        self.start_reply(conversation, parent, overrides, model_name=model_name)
+
+    async def on_edit(self, frame: dict[str, Any]) -> None:
+        content = frames.message_text(frame, "content")
+        overrides = frames.sampling_overrides(frame)
+        model_name = frames.model_name(frame)
+        self.ensure_idle()
+        conversation = await self.access(frames.required_uuid(frame, "conversation"))
+        message = await self.message_of(conversation, frames.required_uuid(frame, "message"))
+        if message.role != Message.Role.USER:
+            raise FrameError("invalid", "Only your own messages can be edited.")
+        message.conversation = conversation
+        edited = await database_sync_to_async(services.do_edit_user_message)(message=message, content=content)
+        self.start_reply(conversation, edited, overrides, model_name=model_name)
+
+    async def on_switch(self, frame: dict[str, Any]) -> None:
+        self.ensure_idle()
+        conversation = await self.access(frames.required_uuid(frame, "conversation"))
+        message = await self.message_of(conversation, frames.required_uuid(frame, "message"))
+        message.conversation = conversation
+        await database_sync_to_async(services.do_switch_to_sibling)(message=message)
+        await self.send_branch(conversation.pk)
+
+    # -- checks --------------------------------------------------------------------
+
+    def ensure_idle(self) -> None:
+        if self.reply_task is not None and not self.reply_task.done():
+            raise FrameError("busy", "A reply is still being generated: stop it or wait for it to finish.")
+
+    async def access(self, conversation_id: uuid.UUID) -> Conversation:
+        conversation: Conversation = await database_sync_to_async(access_conversation)(
+            conversation_id=conversation_id, user=self.user, session_key=self.session_key
+        )
+        return conversation
+
+    async def message_of(self, conversation: Conversation, message_id: uuid.UUID) -> Message:
+        message: Message = await database_sync_to_async(Message.objects.get)(
+            pk=message_id, conversation=conversation
+        )
+        return message
+
+    async def start_conversation(self, content: str, model_name: str, system_prompt: str) -> Conversation:
+        conversation: Conversation = await database_sync_to_async(services.do_start_conversation)(
+            model_name=model_name or settings.CHATSITE_DEFAULT_MODEL,
+            owner=self.user,
+            session_key="" if self.user is not None else self.session_key,
+            title=titles.first_words(content),
+            system_prompt=system_prompt,
+        )
+        await self.send_json(
+            {
+                "type": "conversation",
+                "conversation": {
+                    "id": str(conversation.pk),
+                    "title": conversation.title,
+                    "url": reverse("conversation", args=[conversation.pk]),
+                },
+            }
+        )
+        return conversation
+
+    # -- the reply -----------------------------------------------------------------
+
+    def start_reply(
+        self, conversation: Conversation, parent: Message, overrides: dict[str, Any], *, model_name: str
+    ) -> None:
+        params = sampling_for(
+            conversation, default_max_tokens=settings.CHATSITE_DEFAULT_MAX_TOKENS, **overrides
+        )
+        self.run = ReplyRun(
+            conversation=conversation,
+            parent=parent,
+            params=params,
+            transport="websocket",
+            model_name=model_name,
+        )
+        self.run_conversation_id = conversation.pk
+        self.reply_task = asyncio.create_task(self.stream_reply(self.run, conversation, parent))
+
+    async def stream_reply(self, run: ReplyRun, conversation: Conversation, parent: Message) -> None:
+        loop = asyncio.get_running_loop()
+        text: list[str] = []
+        next_render = loop.time() + RENDER_INTERVAL
+        ended: ReplyEnded | None = None
+        try:
+            async with run:
+                async for event in run:
+                    if isinstance(event, ReplyText):
+                        text.append(event.text)
+                        await self.send_frame(
+                            {"type": "delta", "reply": str(run.reply_id), "text": event.text}
+                        )
+                        if loop.time() >= next_render:
+                            html = await asyncio.to_thread(render_markdown, "".join(text))
+                            await self.send_frame(
+                                {"type": "render", "reply": str(run.reply_id), "html": html}
+                            )
+                            next_render = loop.time() + RENDER_INTERVAL
+                    elif isinstance(event, ReplyStarted):
+                        await self.send_branch(conversation.pk)
+                        await self.send_frame(
+                            {
+                                "type": "started",
+                                "conversation": str(conversation.pk),
+                                "user_message": str(parent.pk),
+                                "reply": str(event.reply.pk),
+                            }
+                        )
+                    else:
+                        ended = event
+                        await self.send_frame(await done_frame(event))
+        except Exception:
+            logger.exception("reply in conversation %s failed", conversation.pk)
+            await self.send_frame({"type": "error", "code": "internal", "message": "The reply failed."})
+        finally:
+            self.run = None
+            self.run_conversation_id = None
+        if ended is not None and ended.reply.status == Message.Status.COMPLETE:
+            self.start_title(conversation.pk)
+
+    def start_title(self, conversation_id: uuid.UUID) -> None:
+        if not settings.CHATSITE_GENERATE_TITLES or self.closed:
+            return
+        task = asyncio.create_task(self.send_title(conversation_id))
+        self.title_tasks.add(task)
+        task.add_done_callback(self.title_tasks.discard)
+
+    async def send_title(self, conversation_id: uuid.UUID) -> None:
+        try:
+            title = await titles.write_title(conversation_id)
+        except Exception:
+            logger.exception("writing a title for conversation %s failed", conversation_id)
+            return
+        if title:
+            await self.send_frame({"type": "title", "conversation": str(conversation_id), "title": title})
+
+    # -- frames out ----------------------------------------------------------------
+
+    async def send_branch(self, conversation_id: uuid.UUID) -> None:
+        html = await database_sync_to_async(render_branch)(conversation_id)
+        await self.send_frame({"type": "branch", "conversation": str(conversation_id), "html": html})
+
+    async def send_error(self, code: str, message: str) -> None:
+        await self.send_frame({"type": "error", "code": code, "message": message})
+
+    async def send_frame(self, frame: dict[str, Any]) -> None:
+        if not self.closed:
+            await self.send_json(frame)
+
+    @classmethod
+    async def encode_json(cls, content: Any) -> str:
+        return json.dumps(content, ensure_ascii=False)
+
+
+def render_branch(conversation_id: uuid.UUID) -> str:
+    conversation = Conversation.objects.get(pk=conversation_id)
+    return render_to_string("chat/_branch.html", branch_for_display(conversation))
+
+
+async def done_frame(event: ReplyEnded) -> dict[str, Any]:
+    reply = event.reply
+    html = await asyncio.to_thread(render_markdown, reply.content)
+    return {
+        "type": "done",
+        "reply": str(reply.pk),
+        "status": reply.status,
+        "html": html,
+        "stats": {
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+            "tokens_per_second": reply.tokens_per_second,
+            "time_to_first_token": reply.time_to_first_token,
+            "finish_reason": reply.finish_reason,
+            "model": reply.model_name,
+        },
+        "left_out": [str(pk) for pk in event.left_out_ids],
+        "view_starts_at": str(reply.context_starts_at) if reply.context_starts_at else None,
+        "error": reply.error,
+        "error_code": event.error_code,
+    }

@@ -1,0 +1,318 @@
+"""The chat site's WebSocket consumer, with the real model and channel layer."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from channels.db import database_sync_to_async
+from django.test import override_settings
+
+from chat import services
+from chat.models import Conversation, Message
+from chat.owners import session_owner_token
+from chat.selectors import shown_branch
+from inference import registry
+from tests.consumer_helpers import ChatClient, deltas, greedy, new_session
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("engine")]
+
+LONG = "Write a long story about a dragon who learns to bake bread, with many details."
+
+
+async def connected_client() -> ChatClient:
+    client = ChatClient(await new_session())
+    connected, _ = await client.connect()
+    assert connected
+    return client
+
+
+@database_sync_to_async
+def stored(conversation_id: str) -> list[tuple[str, str, str]]:
+    conversation = Conversation.objects.get(pk=conversation_id)
+    return [(m.role, m.status, m.content) for m in shown_branch(conversation)]
+
+
+@database_sync_to_async
+def snapshot() -> list[tuple[object, ...]]:
+    """Every row the chat stores, to show that a refused frame changed nothing."""
+    conversations = list(Conversation.objects.values_list("id", "title", "updated_at", "current_leaf_id"))
+    messages = list(Message.objects.order_by("id").values_list("id", "content", "status"))
+    return [*conversations, *messages]
+
+
+async def test_it_streams_a_reply_and_stores_both_messages() -> None:
+    client = await connected_client()
+    done, before = await client.reply(
+        type="send", conversation=None, content="What is the capital of France?", settings=greedy()
+    )
+    kinds = [f["type"] for f in before]
+    assert kinds[:3] == ["conversation", "branch", "started"]
+    assert kinds.count("delta") >= 2
+    conversation_id = before[0]["conversation"]["id"]
+    assert before[0]["conversation"]["url"] == f"/c/{conversation_id}/"
+    assert done["status"] == "complete"
+    assert done["stats"]["completion_tokens"] >= 2
+    assert done["stats"]["finish_reason"] in ("stop", "length")
+    text = deltas(before)
+    assert text.strip()
+    assert await stored(conversation_id) == [
+        ("user", "complete", "What is the capital of France?"),
+        ("assistant", "complete", text),
+    ]
+    conversation = await database_sync_to_async(Conversation.objects.get)(pk=conversation_id)
+    assert conversation.session_owner == session_owner_token(client.session_key or "")
+    assert conversation.title == "What is the capital of France?"
+    await client.close()
+
+
+async def test_it_sends_the_same_text_as_a_direct_engine_request() -> None:
+    """What the page shows is what the engine generated for the stored prompt."""
+    client = await connected_client()
+    first, frames_one = await client.reply(
+        type="send", conversation=None, content="Name a fruit.", settings=greedy()
+    )
+    conversation_id = frames_one[0]["conversation"]["id"]
+    _, frames_two = await client.reply(
+        type="regenerate", conversation=conversation_id, message=first["reply"], settings=greedy()
+    )
+    # Temperature 0 and a seed: the regenerated reply repeats the first.
+    assert deltas(frames_two) == deltas(frames_one)
+    await client.close()
+
+
+async def test_it_stops_a_reply_and_keeps_what_was_generated() -> None:
+    client = await connected_client()
+    await client.send(type="send", conversation=None, content=LONG, settings=greedy(400))
+    started, _ = await client.until("started")
+    conversation_id = started["conversation"]
+    first_delta, _ = await client.until("delta")
+    await client.send(type="stop", conversation=conversation_id)
+    done, rest = await client.until("done")
+    assert done["status"] == "stopped"
+    assert done["stats"]["finish_reason"] == "cancelled"
+    assert done["stats"]["completion_tokens"] < 400
+    branch = await stored(conversation_id)
+    assert branch[-1][:2] == ("assistant", "stopped")
+    assert branch[-1][2] == first_delta["text"] + deltas(rest)
+    assert branch[-1][2]
+    await client.close()
+
+
+async def test_it_cancels_the_generation_when_the_socket_closes() -> None:
+    client = await connected_client()
+    await client.send(type="send", conversation=None, content=LONG, settings=greedy(400))
+    started, _ = await client.until("started")
+    await client.until("delta")
+    await client.close()
+    engine = registry.get_engine()
+    for _ in range(100):
+        if not engine.running:
+            break
+        await asyncio.sleep(0.05)
+    assert not engine.running
+    reply = await database_sync_to_async(Message.objects.get)(pk=started["reply"])
+    assert reply.status == Message.Status.STOPPED
+    assert reply.content
+    assert reply.completion_tokens is not None
+    assert reply.completion_tokens < 400
+
+
+async def test_it_regenerates_edits_and_switches_between_versions() -> None:
+    client = await connected_client()
+    first, before = await client.reply(type="send", conversation=None, content="Say yes.", settings=greedy(8))
+    conversation_id = before[0]["conversation"]["id"]
+    question_id = next(f for f in before if f["type"] == "started")["user_message"]
+
+    second, before = await client.reply(
+        type="regenerate", conversation=conversation_id, message=first["reply"], settings=greedy(8)
+    )
+    branch_html = next(f for f in before if f["type"] == "branch")["html"]
+    assert f'id="m-{second["reply"]}"' in branch_html
+    assert f'id="m-{first["reply"]}"' not in branch_html  # the new version is the one shown
+    assert "2/2" in branch_html
+
+    await client.send(type="switch", conversation=conversation_id, message=first["reply"])
+    switched, _ = await client.until("branch")
+    assert f'id="m-{first["reply"]}"' in switched["html"]
+    assert f'id="m-{second["reply"]}"' not in switched["html"]
+
+    _, before = await client.reply(
+        type="edit", conversation=conversation_id, message=question_id, content="Say no.", settings=greedy(8)
+    )
+    edited_id = next(f for f in before if f["type"] == "started")["user_message"]
+    assert edited_id != question_id
+    branch = await stored(conversation_id)
+    assert [(role, status) for role, status, _ in branch] == [("user", "complete"), ("assistant", "complete")]
+    assert branch[0][2] == "Say no."
+
+    @database_sync_to_async
+    def siblings() -> tuple[int, int]:
+        question = Message.objects.get(pk=question_id)
+        return (
+            Message.objects.filter(conversation_id=conversation_id, parent=None).count(),
+            Message.objects.filter(parent=question).count(),
+        )
+
+    # Nothing is lost: two versions of the question, two replies to the first.
+    assert await siblings() == (2, 2)
+    await client.close()
+
+
+BAD_FRAMES = [
+    ("not json", "invalid_json"),
+    ("[1, 2]", "invalid"),
+    ('{"type": "dance"}', "unknown_type"),
+    ('{"content": "hi"}', "unknown_type"),
+    ('{"type": "send", "conversation": null}', "invalid"),
+    ('{"type": "send", "conversation": null, "content": 42}', "invalid"),
+    ('{"type": "send", "conversation": null, "content": "   "}', "invalid"),
+    ('{"type": "send", "conversation": "not-a-uuid", "content": "hi"}', "invalid"),
+    ('{"type": "send", "conversation": null, "content": "hi", "model": "gpt-99"}', "unknown_model"),
+    ('{"type": "send", "conversation": null, "content": "hi", "settings": {"temperature": 9}}', "invalid"),
+    ('{"type": "send", "conversation": null, "content": "hi", "settings": {"max_tokens": -1}}', "invalid"),
+    ('{"type": "send", "conversation": null, "content": "hi", "settings": {"evil": 1}}', "invalid"),
+    ('{"type": "send", "conversation": null, "content": "hi", "settings": "hot"}', "invalid"),
+    ('{"type": "send", "conversation": null, "content": "a\\u0000b"}', "invalid"),
+    ('{"type": "stop"}', "invalid"),
+    ('{"type": "regenerate", "conversation": "%(conversation)s"}', "invalid"),
+    (
+        '{"type": "edit", "conversation": "%(conversation)s", "message": "%(reply)s", "content": "x"}',
+        "invalid",
+    ),
+    ('{"type": "regenerate", "conversation": "%(conversation)s", "message": "%(question)s"}', "invalid"),
+    ('{"type": "switch", "conversation": "%(conversation)s", "message": "%(foreign)s"}', "not_found"),
+    ('{"type": "send", "conversation": "%(others)s", "content": "hi"}', "not_found"),
+    ('{"type": "switch", "conversation": "%(others)s", "message": "%(foreign)s"}', "not_found"),
+    ('{"type": "send", "conversation": "%(missing)s", "content": "hi"}', "not_found"),
+]
+
+
+async def test_it_answers_each_bad_frame_with_an_error_and_changes_nothing() -> None:
+    client = await connected_client()
+    done, before = await client.reply(type="send", conversation=None, content="Hi!", settings=greedy(4))
+    conversation_id = before[0]["conversation"]["id"]
+    question_id = next(f for f in before if f["type"] == "started")["user_message"]
+
+    @database_sync_to_async
+    def someone_elses() -> tuple[str, str]:
+        conversation = services.do_start_conversation(model_name="smollm2-135m", session_key="someone-else")
+        message = services.do_add_user_message(conversation=conversation, content="private")
+        return str(conversation.pk), str(message.pk)
+
+    others, foreign = await someone_elses()
+    ids = {
+        "conversation": conversation_id,
+        "reply": done["reply"],
+        "question": question_id,
+        "others": others,
+        "foreign": foreign,
+        "missing": str(uuid.uuid4()),
+    }
+    rows = await snapshot()
+    for raw, code in BAD_FRAMES:
+        await client.send_text(raw % ids)
+        frame = await client.receive()
+        assert frame["type"] == "error", raw
+        assert frame["code"] == code, (raw, frame)
+        assert frame["message"]
+    await client.communicator.send_to(bytes_data=b"\x00\x01")
+    assert (await client.receive())["code"] == "invalid"
+    await client.send_text('{"type": "send", "conversation": null, "content": "' + "x" * 200_000 + '"}')
+    assert (await client.receive())["code"] == "too_large"
+    assert await snapshot() == rows
+    # The socket is still usable.
+    again, _ = await client.reply(
+        type="send", conversation=conversation_id, content="Bye!", settings=greedy(4)
+    )
+    assert again["status"] == "complete"
+    await client.close()
+
+
+async def test_it_refuses_a_second_message_while_a_reply_streams() -> None:
+    client = await connected_client()
+    await client.send(type="send", conversation=None, content=LONG, settings=greedy(200))
+    started, _ = await client.until("started")
+    rows = await snapshot()
+    await client.send(type="send", conversation=started["conversation"], content="And another thing")
+    error, _ = await client.until("error")
+    assert error["code"] == "busy"
+    await client.send(type="stop", conversation=started["conversation"])
+    done, _ = await client.until("done")
+    assert done["status"] == "stopped"
+    assert len(await snapshot()) == len(rows)  # no message was added by the refused frame
+    await client.close()
+
+
+async def test_it_stores_a_prompt_that_does_not_fit_as_an_error_reply() -> None:
+    client = await connected_client()
+    huge = "word " * 6000  # far beyond the 2,048-token context
+    done, before = await client.reply(type="send", conversation=None, content=huge, settings=greedy(8))
+    assert done["status"] == "error"
+    assert done["error_code"] == "context_length"
+    assert "tokens" in done["error"]
+    conversation_id = before[0]["conversation"]["id"]
+    branch = await stored(conversation_id)
+    assert branch[-1][:2] == ("assistant", "error")
+    await client.close()
+
+
+async def test_it_stores_an_error_reply_when_the_model_is_unavailable() -> None:
+    client = await connected_client()
+
+    @database_sync_to_async
+    def conversation_of_a_removed_model() -> str:
+        conversation = services.do_start_conversation(
+            model_name="removed-model", session_key=client.session_key or ""
+        )
+        return str(conversation.pk)
+
+    conversation_id = await conversation_of_a_removed_model()
+    done, _ = await client.reply(
+        type="send", conversation=conversation_id, content="Hello?", settings=greedy(4)
+    )
+    assert done["status"] == "error"
+    assert "removed-model" in done["error"]
+    await client.close()
+
+
+async def test_it_refuses_a_foreign_origin() -> None:
+    client = ChatClient(await new_session(), origin=b"http://evil.example")
+    connected, _ = await client.connect()
+    assert not connected
+
+
+async def test_it_refuses_a_socket_without_a_session() -> None:
+    client = ChatClient(None)
+    connected, code = await client.connect()
+    assert not connected
+    assert code == 4403
+
+
+async def test_it_refuses_anonymous_sockets_when_login_is_required() -> None:
+    with override_settings(CHATSITE_REQUIRE_LOGIN=True):
+        client = ChatClient(await new_session())
+        connected, code = await client.connect()
+    assert not connected
+    assert code == 4401
+
+
+@override_settings(CHATSITE_GENERATE_TITLES=True)
+async def test_it_writes_a_title_with_the_model_after_the_first_reply() -> None:
+    client = await connected_client()
+    _, before = await client.reply(
+        type="send",
+        conversation=None,
+        content="How do I bake sourdough bread at home with a starter?",
+        settings=greedy(24),
+    )
+    conversation_id = before[0]["conversation"]["id"]
+    title, _ = await client.until("title")
+    assert title["conversation"] == conversation_id
+    assert title["title"]
+    assert len(title["title"]) <= 61
+    conversation = await database_sync_to_async(Conversation.objects.get)(pk=conversation_id)
+    assert conversation.title == title["title"]
+    assert conversation.title != "How do I bake sourdough bread at home with…"
+    await client.close()
