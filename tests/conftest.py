@@ -51,3 +51,13 @@ def make_engine(*, queue_size: int = 8, **spec_changes: object) -> Engine:
 
     spec = dataclasses.replace(registry.get_spec(), **spec_changes)  # type: ignore[arg-type]
     return Engine(spec, queue_size=queue_size)
+
+
+@pytest.fixture(autouse=True)
+def _plain_static_files(settings: pytest.FixtureRequest) -> None:
+    """Pages rendered by the test client name static files without the
+    manifest that collectstatic writes (the live servers use the manifest)."""
+    settings.STORAGES = {  # type: ignore[attr-defined]
+        **settings.STORAGES,  # type: ignore[attr-defined]
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }

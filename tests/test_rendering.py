@@ -1,0 +1,191 @@
+"""Hostile Markdown and HTML come out inert: in the page after a reload, in
+the branch the WebSocket sends while streaming, and in the reply's own
+rendering (the render and done frames)."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+from urllib.parse import urlsplit
+
+import pytest
+from django.test import Client
+
+from chat.consumers import render_branch
+from chat.rendering import ALLOWED_ATTRIBUTES, ALLOWED_TAGS, render_markdown
+from tests.base import make_conversation
+
+HOSTILE = [
+    "<script>alert(1)</script>",
+    "<img src=x onerror=alert(1)>",
+    '<a href="javascript:alert(1)">click</a>',
+    "[click](javascript:alert(1))",
+    "[JaVa](JaVaScRiPt:alert(1)) and [spaced]( javascript:alert(1))",
+    "[data](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)",
+    "[vb](vbscript:msgbox(1))",
+    "![tracker](http://evil.example/pixel.png)",
+    '![tracker](https://evil.example/pixel.png "title")',
+    "<svg onload=alert(1)><circle r=1 /></svg>",
+    '<iframe src="http://evil.example"></iframe>',
+    "<style>body { display: none }</style>",
+    '<div onclick="alert(1)">**bold**</div>',
+    "<details open ontoggle=alert(1)><summary>x</summary></details>",
+    '<math><mi xlink:href="javascript:alert(1)">x</mi></math>',
+    '[title](http://ok.example "t\\" onmouseover=\\"alert(1)")',
+    "<javascript:alert(1)>",
+    "[ref][1]\n\n[1]: javascript:alert(1)",
+    "<!-- a comment --> <![CDATA[x]]>",
+    '<form action="http://evil.example"><input name=x></form>',
+    '<meta http-equiv="refresh" content="0;url=http://evil.example">',
+    '<object data="http://evil.example/x.swf"></object>',
+    "```html\n<script>alert(1)</script>\n<img src=x onerror=alert(1)>\n```",
+    "```\nan unclosed fence <script>alert(2)</script>",
+    "`<script>alert(3)</script>` inline",
+    "| a | <b onmouseover=alert(1)>b</b> |\n|---|---|\n| <script>x</script> | 2 |",
+    "> <img src=http://evil.example/q.png>",
+    "&lt;script&gt;alert(4)&lt;/script&gt;",
+]
+
+SAFE_SCHEMES = {"http", "https", "mailto"}
+
+
+class _Inspector(HTMLParser):
+    """Every tag and attribute of an HTML fragment, with what makes it unsafe."""
+
+    def __init__(self, *, allowed_tags: set[str], allowed_attributes: dict[str, set[str]]) -> None:
+        super().__init__(convert_charrefs=True)
+        self.allowed_tags = allowed_tags
+        self.allowed_attributes = allowed_attributes
+        self.problems: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in self.allowed_tags:
+            self.problems.append(f"tag <{tag}>")
+        for name, value in attrs:
+            if name == "rel":
+                continue
+            if name not in self.allowed_attributes.get(tag, set()):
+                self.problems.append(f"attribute {name} on <{tag}>")
+            if name in ("href", "src", "action", "data") and value is not None:
+                scheme = urlsplit(value.strip()).scheme.lower()
+                if scheme and scheme not in SAFE_SCHEMES:
+                    self.problems.append(f"{name}={value!r}")
+
+
+def problems(html: str) -> list[str]:
+    inspector = _Inspector(allowed_tags=ALLOWED_TAGS, allowed_attributes=ALLOWED_ATTRIBUTES)
+    inspector.feed(html)
+    inspector.close()
+    return inspector.problems
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_it_renders_hostile_text_inert(text: str) -> None:
+    html = render_markdown(text)
+    assert problems(html) == []
+    assert "<script" not in html
+    assert "<img" not in html
+
+
+def test_it_shows_raw_html_as_text_inside_and_outside_code() -> None:
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in render_markdown("<script>alert(1)</script>")
+    fenced = render_markdown("```html\n<b>bold</b>\n```")
+    assert "&lt;" in fenced
+    assert "<b>" not in fenced
+
+
+def test_it_keeps_markdown_formatting() -> None:
+    html = render_markdown(
+        "# Title\n\n**bold** and *em*\n\n- one\n- two\n\n| a | b |\n|:--|--:|\n| 1 | 2 |\n\n"
+        "```python\nprint('hi')\n```\n\n[link](https://example.com)"
+    )
+    for fragment in (
+        "<h1>",
+        "<strong>bold</strong>",
+        "<em>em</em>",
+        "<li>one</li>",
+        "<table>",
+        'align="right"',
+    ):
+        assert fragment in html
+    assert 'class="highlight"' in html
+    assert '<span class="nb">print</span>' in html  # Pygments classes, no inline styles
+    assert 'href="https://example.com"' in html
+    assert "style=" not in html
+
+
+def test_it_turns_images_into_links_so_nothing_remote_loads() -> None:
+    html = render_markdown("![a cat](https://example.com/cat.png)")
+    assert "<img" not in html
+    assert 'href="https://example.com/cat.png"' in html
+    assert "[image: a cat]" in html
+
+
+def test_it_renders_an_unclosed_fence_as_code() -> None:
+    assert "<pre>" in render_markdown("```\nstill streaming <b>")
+
+
+@pytest.mark.django_db
+def test_it_keeps_hostile_messages_inert_in_the_page_and_the_streamed_branch(client: Client) -> None:
+    client.get("/new")  # the browser session that owns the conversation
+    session_key = client.session.session_key
+    assert session_key
+    turns = []
+    for text in HOSTILE:
+        turns += [text, text]  # as the person's message and as the model's reply
+    conversation, _ = make_conversation(*turns, session_key=session_key, title="<script>alert('t')</script>")
+
+    # Live: the branch the WebSocket sends when a reply starts or a version is switched.
+    streamed = render_branch(conversation.pk)
+    assert "alert(1)</script>" not in streamed
+    # After reload: the whole page.
+    response = client.get(f"/c/{conversation.pk}/")
+    assert response.status_code == 200
+    page = response.content.decode()
+    for html in (streamed, page):
+        assert "<script>alert" not in html
+        assert _page_problems(html) == []
+
+
+def _page_problems(page: str) -> list[str]:
+    """Unsafe things anywhere in a page: event handlers, script with a body or
+    from elsewhere, unsafe link schemes, images or frames from elsewhere."""
+
+    class PageInspector(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.problems: list[str] = []
+            self.in_script = False
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            values = dict(attrs)
+            self.in_script = tag == "script"
+            if tag == "script" and not (values.get("src") or "").startswith("/static/"):
+                self.problems.append(f"script {values}")
+            # (The page's own icons are inline SVG; messages never produce one: see above.)
+            if tag in ("iframe", "object", "embed", "math", "style") or (
+                tag == "meta" and "http-equiv" in values
+            ):
+                self.problems.append(f"<{tag}> {attrs} at {self.getpos()}")
+            for name, value in attrs:
+                if name.startswith("on"):
+                    self.problems.append(f"{name} on <{tag}>")
+                if name == "style":
+                    self.problems.append(f"style on <{tag}>")
+                if name in ("href", "src", "action") and value is not None:
+                    scheme = urlsplit(value.strip()).scheme.lower()
+                    if scheme and scheme not in SAFE_SCHEMES:
+                        self.problems.append(f"{name}={value!r}")
+                    if tag in ("img", "form") and (scheme or urlsplit(value).netloc):
+                        self.problems.append(f"remote image {value!r}")
+
+        def handle_data(self, data: str) -> None:
+            if self.in_script and data.strip():
+                self.problems.append("inline script")
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag == "script":
+                self.in_script = False
+
+    inspector = PageInspector()
+    inspector.feed(page)
+    return inspector.problems
