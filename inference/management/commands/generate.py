@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import uuid
 from typing import Any
 
 from django.conf import settings
@@ -35,8 +37,19 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int)
         parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
         parser.add_argument("--stats", action="store_true", help="print token counts and timings")
+        parser.add_argument(
+            "--conversation",
+            metavar="ID",
+            help=(
+                "continue a stored conversation (its id or sessions.json session id): PROMPT is added "
+                "to its shown branch and the reply is stored, as the site would"
+            ),
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["conversation"]:
+            self._continue_conversation(options)
+            return
         messages = []
         if options["system"]:
             messages.append(ChatMessage("system", options["system"]))
@@ -65,6 +78,58 @@ class Command(BaseCommand):
                 f"completion_tokens={finished.completion_tokens} "
                 f"ttft={finished.time_to_first_token or 0:.3f}s total={finished.total_time:.3f}s"
                 + (f" decode={rate:.1f} tok/s" if rate else "")
+            )
+
+    def _continue_conversation(self, options: dict[str, Any]) -> None:
+        # The conversation layer sits above the engine: imported here only.
+        from chat import services
+        from chat.models import Conversation
+        from chat.replies import ReplyEnded, ReplyRun, ReplyText, sampling_for
+
+        key = options["conversation"]
+        conversation = Conversation.objects.filter(external_id=key).first()
+        if conversation is None:
+            with contextlib.suppress(ValueError):
+                conversation = Conversation.objects.filter(pk=uuid.UUID(key)).first()
+        if conversation is None:
+            raise CommandError(f"no conversation {key!r}")
+        if options["system"] is not None or options["model"] is not None:
+            raise CommandError("--system and --model do not apply to a stored conversation (its settings do)")
+        try:
+            params = sampling_for(
+                conversation,
+                default_max_tokens=options["max_tokens"],
+                temperature=options["temperature"],
+                top_p=options["top_p"],
+                top_k=options["top_k"],
+                repeat_penalty=options["repeat_penalty"],
+                stop=tuple(options["stop"]),
+                seed=options["seed"],
+            )
+        except InferenceError as exc:
+            raise CommandError(str(exc)) from None
+        question = services.do_add_user_message(conversation=conversation, content=options["prompt"])
+
+        async def stream() -> ReplyEnded:
+            run = ReplyRun(conversation=conversation, parent=question, params=params, transport="command")
+            async with run:
+                async for event in run:
+                    if isinstance(event, ReplyText):
+                        self.stdout.write(event.text, ending="")
+                        self.stdout.flush()
+                    elif isinstance(event, ReplyEnded):
+                        return event
+            raise CommandError("the reply ended without a result")  # pragma: no cover
+
+        ended = asyncio.run(stream())
+        self.stdout.write("")
+        if ended.error:
+            raise CommandError(f"the reply failed: {ended.error}")
+        if options["stats"]:
+            reply = ended.reply
+            self.stderr.write(
+                f"status={reply.status} finish={reply.finish_reason} prompt_tokens={reply.prompt_tokens} "
+                f"completion_tokens={reply.completion_tokens} reply={reply.pk}"
             )
 
     async def _stream(self, engine: Engine, request: GenerationRequest) -> Finished:
