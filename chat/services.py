@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
@@ -54,10 +55,12 @@ def do_start_conversation(
     session_key: str = "",
     title: str = "",
     system_prompt: str = "",
+    external_id: str | None = None,
 ) -> Conversation:
     """A new, empty conversation of a user or (no user) of an anonymous
     session, given by its key (``request.session.session_key``), which is
-    stored only as :func:`chat.owners.session_owner_token`."""
+    stored only as :func:`chat.owners.session_owner_token`. ``external_id``
+    is the session id a script chose for it (the API's ``session_id``)."""
     if owner is not None and session_key:
         raise ValueError("a conversation belongs to a user or to a session, not both")
     if not model_name:
@@ -69,6 +72,7 @@ def do_start_conversation(
         model_name=model_name,
         title=title.strip()[:TITLE_MAX_LENGTH],
         system_prompt=system_prompt,
+        external_id=external_id,
         created_at=now,
         updated_at=now,
     )
@@ -290,3 +294,79 @@ def do_claim_session_conversations(*, session_key: str, user: AbstractBaseUser) 
     return Conversation.objects.filter(
         owner__isnull=True, session_owner=session_owner_token(session_key)
     ).update(owner_id=user.pk, session_owner="")
+
+
+# --- Written for the REST API and the importer (api/, chat/sessions_io/) ---
+
+
+@transaction.atomic
+def do_add_messages(*, conversation: Conversation, messages: Sequence[tuple[str, str]]) -> Message | None:
+    """Append messages given as ``(role, content)`` to the end of the shown
+    branch, in order, each the parent of the next; the last becomes the end
+    of the shown branch and is returned (None when there were none).
+
+    For the API, whose requests carry the turns a script adds (a user
+    question, or an exchange it had elsewhere) rather than one typed message.
+    """
+    roles = set(Message.Role.values)
+    parent_id = conversation.current_leaf_id
+    last: Message | None = None
+    for role, content in messages:
+        if role not in roles:
+            raise ValueError(f"unknown role {role!r}")
+        last = Message.objects.create(
+            conversation=conversation, parent_id=parent_id, role=role, content=content
+        )
+        parent_id = last.pk
+    if last is not None:
+        _touch(conversation, current_leaf=last)
+    return last
+
+
+@transaction.atomic
+def do_roll_back(*, conversation: Conversation, amount: int) -> int:
+    """Take the last ``amount`` messages of the shown branch out of view: the
+    branch now ends that many messages earlier (nothing is deleted; the next
+    message starts a sibling there). Returns how many were taken out.
+
+    Taking out the whole branch leaves ``current_leaf`` empty, and the next
+    message starts a new root.
+    """
+    if amount < 0:
+        raise ValueError("the amount must be 0 or more")
+    branch = message_tree(conversation).shown_branch(conversation)
+    amount = min(amount, len(branch))
+    if amount:
+        remaining = branch[: len(branch) - amount]
+        _touch(conversation, current_leaf=remaining[-1] if remaining else None)
+    return amount
+
+
+@transaction.atomic
+def do_write_imported_conversations(
+    *,
+    conversations: Sequence[Conversation],
+    messages: Sequence[Message],
+    replacing: Sequence[uuid.UUID] = (),
+) -> None:
+    """Write conversations read from a sessions.json file, in bulk.
+
+    For :mod:`chat.sessions_io`, which has checked everything first: the
+    conversations ``replacing`` names are deleted whole, then the new
+    conversations, their messages (each after its parent) and each
+    conversation's ``current_leaf`` (given on the unsaved objects, set once
+    its message exists) are inserted, keeping the ids and times of the file.
+    """
+    for start in range(0, len(replacing), 500):
+        do_delete_conversations(
+            conversations=Conversation.objects.filter(pk__in=replacing[start : start + 500])
+        )
+    leaves = [conversation.current_leaf_id for conversation in conversations]
+    for conversation in conversations:
+        conversation.current_leaf_id = None
+    Conversation.objects.bulk_create(conversations)
+    Message.objects.bulk_create(messages, batch_size=500)
+    for conversation, leaf in zip(conversations, leaves, strict=True):
+        conversation.current_leaf_id = leaf
+    with_leaf = [c for c in conversations if c.current_leaf_id is not None]
+    Conversation.objects.bulk_update(with_leaf, ["current_leaf"], batch_size=500)

@@ -1,0 +1,92 @@
+"""Import and export of conversations as ``sessions.json``.
+
+Two formats (``docs/sessions-format.md`` describes both):
+
+* the original service's: a JSON object mapping a session id to the list of
+  its messages, each ``{"role": ..., "content": ...}``. Imported exactly as it
+  is, in order, as the shown branch; exported as each conversation's shown
+  branch (after its system prompt, if it has one).
+* the full format, ``{"format": "chatsite.sessions", "version": 1,
+  "conversations": [...]}``, which keeps titles, owners, models, times,
+  statuses and every branch: export, import into an empty database and export
+  again give the same bytes.
+
+Importing is all-or-nothing: :func:`parse_sessions` reads the JSON,
+:func:`validate_sessions` checks all of it and returns plans without touching
+the database, and :func:`import_sessions` resolves owners, checks ids against
+the database and writes everything in one transaction. Every error is a
+:class:`SessionsFileError` naming the session and the message index.
+
+A conversation is one key of an original-format file: its session id, else
+its UUID (``Conversation.session_id``). So that no two conversations share a
+key, an import refuses a session id that is the UUID of another conversation
+of the file, and a UUID that is the session id of a conversation in the
+database (a session id that is the UUID of a conversation in the database
+names that conversation, which is skipped or replaced); an export that would
+still write a key twice fails with :class:`SessionsExportError` instead of
+dropping a conversation.
+
+The package holds one module per job: :mod:`.formats` (constants, errors,
+plans), :mod:`.parsing`, :mod:`.validation`, :mod:`.importing` (the checks
+against the database; the rows are written by
+:func:`chat.services.do_write_imported_conversations`) and :mod:`.exporting`.
+
+The canonical writer (:func:`dumps`) is ``json.dumps(data, ensure_ascii=False,
+indent=2)`` plus a newline; a file written that way exports back byte for byte.
+"""
+
+from __future__ import annotations
+
+from chat.sessions_io.exporting import dumps, export_data, write_atomically
+from chat.sessions_io.formats import (
+    EXTERNAL_ID_MAX,
+    FINISH_REASON_MAX,
+    FORMATS,
+    FULL_FORMAT,
+    FULL_VERSION,
+    MODEL_MAX,
+    ROLES,
+    SESSION_OWNER_LENGTH,
+    STATUSES,
+    TITLE_MAX,
+    ConversationPlan,
+    Format,
+    MessagePlan,
+    SessionsExportError,
+    SessionsFileError,
+)
+from chat.sessions_io.importing import ImportResult, existing_matches, import_sessions
+from chat.sessions_io.parsing import parse_sessions
+from chat.sessions_io.validation import DERIVED_TITLE_LENGTH, detect_format, validate_sessions
+
+# The importer looks this up here at call time, so that a test can stand in
+# for a concurrent writer by replacing it.
+_existing_matches = existing_matches
+
+__all__ = [
+    "DERIVED_TITLE_LENGTH",
+    "EXTERNAL_ID_MAX",
+    "FINISH_REASON_MAX",
+    "FORMATS",
+    "FULL_FORMAT",
+    "FULL_VERSION",
+    "MODEL_MAX",
+    "ROLES",
+    "SESSION_OWNER_LENGTH",
+    "STATUSES",
+    "TITLE_MAX",
+    "ConversationPlan",
+    "Format",
+    "ImportResult",
+    "MessagePlan",
+    "SessionsExportError",
+    "SessionsFileError",
+    "detect_format",
+    "dumps",
+    "existing_matches",
+    "export_data",
+    "import_sessions",
+    "parse_sessions",
+    "validate_sessions",
+    "write_atomically",
+]

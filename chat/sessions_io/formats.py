@@ -1,0 +1,102 @@
+"""The two sessions.json formats: their constants, errors and the plans
+that validation makes and the importer writes (``docs/sessions-format.md``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from chat.models import Conversation, Message
+
+FULL_FORMAT = "chatsite.sessions"
+FULL_VERSION = 1
+
+Format = Literal["full", "original"]
+FORMATS: tuple[Format, ...] = ("full", "original")
+
+ROLES = tuple(Message.Role.values)
+STATUSES = tuple(Message.Status.values)
+# The longest text each field holds (the database would refuse more).
+EXTERNAL_ID_MAX = Conversation._meta.get_field("external_id").max_length or 255
+TITLE_MAX = Conversation._meta.get_field("title").max_length or 200
+MODEL_MAX = Conversation._meta.get_field("model_name").max_length or 100
+SESSION_OWNER_LENGTH = Conversation._meta.get_field("session_owner").max_length or 64
+FINISH_REASON_MAX = Message._meta.get_field("finish_reason").max_length or 16
+
+
+class SessionsFileError(ValueError):
+    """A sessions file cannot be imported. The message says where and why;
+    nothing was written."""
+
+
+class SessionsExportError(ValueError):
+    """The conversations cannot be written in the format asked for (the
+    message says why); nothing was written."""
+
+
+@dataclass
+class MessagePlan:
+    id: uuid.UUID
+    parent_id: uuid.UUID | None
+    role: str
+    content: str
+    created_at: dt.datetime
+    status: str = Message.Status.COMPLETE
+    model_name: str = ""
+    finish_reason: str = ""
+    error: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    time_to_first_token: float | None = None
+    tokens_per_second: float | None = None
+
+
+@dataclass
+class ConversationPlan:
+    """One conversation to write, checked against the file but not yet
+    against the database. ``name`` is how errors and reports call it."""
+
+    name: str
+    id: uuid.UUID
+    external_id: str | None
+    model_name: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    title: str = ""
+    owner_username: str | None = None
+    session_owner: str = ""
+    system_prompt: str = ""
+    current_leaf_id: uuid.UUID | None = None
+    messages: list[MessagePlan] = field(default_factory=list)
+    # The format it was read from: an original-format session has no owner
+    # and only its shown branch.
+    source: Format = "full"
+
+    def session_id_as_uuid(self) -> uuid.UUID | None:
+        """The conversation id that the session id spells, if it spells one."""
+        if self.external_id is None:
+            return None
+        try:
+            return uuid.UUID(self.external_id)
+        except ValueError:
+            return None
+
+    def ids_it_would_take(self) -> tuple[set[uuid.UUID], set[str]]:
+        """The conversation ids and session ids that an existing conversation
+        may already have when this one was imported or exported before."""
+        ids = {self.id}
+        external = {self.external_id} if self.external_id else set()
+        spelled = self.session_id_as_uuid()
+        if spelled is not None:
+            # A conversation made in the app is exported under its UUID.
+            ids.add(spelled)
+        return ids, external
+
+
+def session_label(session_id: str) -> str:
+    """How errors name a session."""
+    shown = session_id if len(session_id) <= 60 else session_id[:59] + "…"
+    return f"session {json.dumps(shown, ensure_ascii=False)}"
