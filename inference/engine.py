@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from llama_cpp import Llama
+    from llama_cpp.llama_grammar import LlamaGrammar
 
     from inference.registry import ModelSpec
 
@@ -73,6 +74,29 @@ logger = logging.getLogger(__name__)
 PREFILL_CHUNK = 64
 
 _CLOSE = object()
+
+
+def json_object_grammar() -> str:
+    """The GBNF grammar of any JSON object (OpenAI's ``json_object`` format)."""
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    return str(JSON_GBNF)
+
+
+def grammar_for_json_schema(schema: object) -> str:
+    """The GBNF grammar of a JSON schema, through llama.cpp's converter.
+
+    Raises :class:`InvalidRequest` for a schema it cannot convert (the
+    converter supports most of JSON Schema, not all of it).
+    """
+    import json
+
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return str(json_schema_to_gbnf(json.dumps(schema)))
+    except Exception as exc:  # the converter raises many kinds on schemas it does not support
+        raise InvalidRequest(f"the JSON schema cannot be turned into a grammar: {exc}") from None
 
 
 class _LoadRequest:
@@ -417,11 +441,16 @@ class Engine:
             return
         try:
             llama = self._ensure_loaded()
-            prompt, template_stops = self._prompt_tokens(job.request.messages)
+            if job.request.prompt is not None:
+                prompt = self._raw_prompt_tokens(job.request.prompt)
+                template_stops: tuple[str, ...] = ()
+            else:
+                prompt, template_stops = self._prompt_tokens(job.request.messages)
             if len(prompt) >= llama.n_ctx():
                 raise ContextLengthExceeded(
                     prompt_tokens=len(prompt), limit=llama.n_ctx() - 1, model=self.spec.name
                 )
+            grammar = self._grammar(job.request.params.grammar)
         except InferenceError as exc:
             metrics.record_refused(model=self.spec.name, transport=job.request.transport, kind=exc.kind)
             self._release(job)
@@ -431,11 +460,16 @@ class Engine:
         if not self._prefill(llama, prompt, job.cancelled):
             self._finish(job, "cancelled")
             return
-        reason = self._decode(job, llama, prompt, template_stops)
+        reason = self._decode(job, llama, prompt, template_stops, grammar)
         self._finish(job, reason)
 
     def _decode(
-        self, job: _Job, llama: Llama, prompt: list[int], template_stops: Sequence[str]
+        self,
+        job: _Job,
+        llama: Llama,
+        prompt: list[int],
+        template_stops: Sequence[str],
+        grammar: LlamaGrammar | None = None,
     ) -> FinishReason:
         """Sample the reply token by token, streaming its text; returns why it ended."""
         assert self._vocabulary is not None
@@ -452,9 +486,12 @@ class Engine:
             prompt,
             top_k=params.top_k,
             top_p=params.top_p,
-            min_p=0.0,
+            min_p=params.min_p,
             temp=params.temperature,
             repeat_penalty=params.repeat_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            grammar=grammar,
         )
         try:
             for token in tokens:
@@ -596,6 +633,32 @@ class Engine:
         )
         stop = formatted.stop or ()
         return tokens, ((stop,) if isinstance(stop, str) else tuple(s for s in stop if s))
+
+    def _raw_prompt_tokens(self, text: str) -> list[int]:
+        """A text completion's prompt: the text as it is, after the model's
+        beginning-of-text token, with special tokens read as plain text."""
+        llama = self._ensure_loaded()
+        return llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def _grammar(self, text: str | None) -> LlamaGrammar | None:
+        """The compiled form of a request's grammar (worker thread only).
+
+        llama.cpp adds a grammar that fails to parse to the sampler chain as a
+        null pointer and crashes on the first token, so it is tried alone
+        first and refused as an invalid request.
+        """
+        if text is None:
+            return None
+        import llama_cpp
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        assert self._llama is not None
+        vocab = self._llama._model.vocab
+        probe = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
+        if not probe:
+            raise InvalidRequest("the grammar (or the JSON schema it was made from) cannot be used")
+        llama_cpp.llama_sampler_free(probe)
+        return LlamaGrammar.from_string(text, verbose=False)
 
     def _ensure_loaded(self) -> Llama:
         """The loaded model, loading it in the worker thread if needed."""

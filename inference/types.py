@@ -85,13 +85,27 @@ class SamplingParams:
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # 0 turns min-p off (the engine's behaviour before it was a setting).
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # A GBNF grammar (llama.cpp's format) the reply must follow, such as the one
+    # :func:`inference.engine.grammar_for_json_schema` makes; None: free text.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         def check(ok: bool, message: str) -> None:
             if not ok:
                 raise InvalidRequest(message)
 
-        for name in ("temperature", "top_p", "repeat_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "repeat_penalty",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
             value = getattr(self, name)
             check(
                 isinstance(value, int | float) and not isinstance(value, bool),
@@ -101,6 +115,13 @@ class SamplingParams:
         check(0 <= self.temperature <= 2, "temperature must be between 0 and 2")
         check(0 < self.top_p <= 1, "top_p must be greater than 0 and at most 1")
         check(0 < self.repeat_penalty <= 10, "repeat_penalty must be greater than 0 and at most 10")
+        check(0 <= self.min_p <= 1, "min_p must be between 0 and 1")
+        check(-2 <= self.presence_penalty <= 2, "presence_penalty must be between -2 and 2")
+        check(-2 <= self.frequency_penalty <= 2, "frequency_penalty must be between -2 and 2")
+        check(
+            self.grammar is None or (isinstance(self.grammar, str) and bool(self.grammar.strip())),
+            "grammar must be a non-empty string",
+        )
         for name in ("top_k", "max_tokens"):
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer")
@@ -121,12 +142,22 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """A chat request (``messages``, formatted with the model's chat template),
+    or a raw text completion (``prompt``, tokenized as it is, with no template:
+    ``messages`` is then empty)."""
+
     messages: Sequence[ChatMessage]
     params: SamplingParams = field(default_factory=SamplingParams)
     transport: Transport = "command"
+    prompt: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.messages:
+        if self.prompt is not None:
+            if self.messages:
+                raise InvalidRequest("a request has messages or a prompt, not both")
+            if not isinstance(self.prompt, str) or not self.prompt:
+                raise InvalidRequest("the prompt must be a non-empty string")
+        elif not self.messages:
             raise InvalidRequest("a request needs at least one message")
         if self.transport not in TRANSPORTS:
             raise InvalidRequest(f"unknown transport {self.transport!r}")
