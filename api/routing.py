@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
-from django.urls import URLPattern
+from django.urls import URLPattern, path
 
-websocket_urlpatterns: list[URLPattern] = []
+from api.consumers import OriginalChatConsumer
+
+websocket_urlpatterns: list[URLPattern] = [
+    path("chat/ws", OriginalChatConsumer.as_asgi()),
+]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
-from django.urls import URLPattern, URLResolver
+from django.urls import URLPattern, URLResolver, path
 
-urlpatterns: list[URLPattern | URLResolver] = []
+from api import original, v1
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    path("v1/", v1.api.urls),
+    path("", original.api.urls),
+]

@@ -187,3 +187,51 @@ CONTENT_SECURITY_POLICY = {
         "frame-ancestors": ["'none'"],
     }
 }
+
+# --- API ---
+# The REST API (api/): keys, body limit, rate limits and the cache that counts
+# them. Each setting is in the table of docs/api.md.
+# Requests need an API key (Authorization: Bearer csk_...). Off: the API is
+# open to anyone who can reach it (a single-user machine), and requests
+# without a key act as the user api.open_user, created on first use.
+CHATSITE_API_REQUIRE_KEY = config.get_bool("api.require_key", True)
+CHATSITE_API_OPEN_USER = config.get_str("api.open_user", "local")
+# The largest request body the API reads (a sessions.json import is the
+# largest); larger ones are refused with 413.
+CHATSITE_API_MAX_BODY_BYTES = config.get_int("api.max_body_bytes", 4 * 1024 * 1024, minimum=1024)
+# Django refuses bodies past this before any view sees them: never below the API's limit.
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(2_621_440, CHATSITE_API_MAX_BODY_BYTES + 1)
+# Budgets per minute (0: no limit). Keys may override theirs in the admin.
+CHATSITE_RATELIMIT_KEY_REQUESTS_PER_MINUTE = config.get_int(
+    "ratelimit.key_requests_per_minute", 60, minimum=0
+)
+CHATSITE_RATELIMIT_KEY_TOKENS_PER_MINUTE = config.get_int(
+    "ratelimit.key_tokens_per_minute", 20_000, minimum=0
+)
+CHATSITE_RATELIMIT_ADDRESS_REQUESTS_PER_MINUTE = config.get_int(
+    "ratelimit.address_requests_per_minute", 120, minimum=0
+)
+CHATSITE_RATELIMIT_ADDRESS_TOKENS_PER_MINUTE = config.get_int(
+    "ratelimit.address_tokens_per_minute", 40_000, minimum=0
+)
+# The site's WebSocket, per signed-in user or anonymous browser session.
+CHATSITE_RATELIMIT_SESSION_REQUESTS_PER_MINUTE = config.get_int(
+    "ratelimit.session_requests_per_minute", 30, minimum=0
+)
+CHATSITE_RATELIMIT_SESSION_TOKENS_PER_MINUTE = config.get_int(
+    "ratelimit.session_tokens_per_minute", 20_000, minimum=0
+)
+# Behind a reverse proxy: the header that carries the client's address (for
+# example X-Forwarded-For; its last entry is used). Empty: the peer address.
+CHATSITE_TRUSTED_PROXY_HEADER = config.get_str("server.trusted_proxy_header", "")
+# Where rate limits are counted: empty for this process's memory, or a
+# redis:// URL that several processes share.
+CHATSITE_CACHE_URL = config.get_str("cache.url", "")
+if CHATSITE_CACHE_URL:
+    if not CHATSITE_CACHE_URL.startswith(("redis://", "rediss://", "unix://")):
+        raise config.ConfigError(f"cache.url must be a redis:// URL or empty, got {CHATSITE_CACHE_URL!r}")
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CHATSITE_CACHE_URL}
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "chatsite"}}

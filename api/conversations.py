@@ -1,0 +1,86 @@
+"""Server-side conversations of the API: the ``session_id`` of a request.
+
+A request with a session id continues the caller's conversation of that id,
+or starts one (the id is kept as its ``external_id``, so the same id finds it
+again, and it appears in the user's sidebar on the site). The request's
+system messages set the conversation's system prompt; its other messages are
+appended to the shown branch, and the last of them must be the user's, the
+question the reply answers. Blocking (database): call through
+``database_sync_to_async``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import IntegrityError
+
+from api.errors import ApiError
+from api.selectors import access_api_conversation, session_id_is_taken
+from chat import services
+from chat.models import Conversation, Message
+
+
+def open_conversation(*, user: AbstractBaseUser, session_id: str, model: str) -> Conversation:
+    """The user's conversation of ``session_id``, created when new."""
+    try:
+        return access_api_conversation(user=user, session_id=session_id)
+    except Conversation.DoesNotExist:
+        pass
+    if session_id_is_taken(session_id):
+        raise ApiError(
+            400,
+            f"The session id {session_id!r} is not available; choose another one.",
+            param="session_id",
+            code="session_id_unavailable",
+        )
+    try:
+        return services.do_start_conversation(model_name=model, owner=user, external_id=session_id)
+    except IntegrityError:  # created by a concurrent request
+        try:
+            return access_api_conversation(user=user, session_id=session_id)
+        except Conversation.DoesNotExist:
+            raise ApiError(
+                400,
+                f"The session id {session_id!r} is not available; choose another one.",
+                param="session_id",
+                code="session_id_unavailable",
+            ) from None
+
+
+def add_turns(
+    *, conversation: Conversation, messages: Sequence[tuple[str, str]], param: str = "messages"
+) -> Message:
+    """Store the request's messages; returns the user message to answer."""
+    system = [content for role, content in messages if role == "system"]
+    turns = [(role, content) for role, content in messages if role != "system"]
+    if not turns or turns[-1][0] != "user":
+        raise ApiError(
+            400,
+            "With a session_id, the last message must be the user's (the question to answer); earlier "
+            "turns are stored by the server.",
+            param=param,
+        )
+    if any(not content.strip() for role, content in turns if role == "user"):
+        raise ApiError(400, "A user message needs some text.", param=param)
+    if system and "\n\n".join(system) != conversation.system_prompt:
+        services.do_update_conversation_settings(
+            conversation=conversation,
+            model_name=conversation.model_name,
+            system_prompt="\n\n".join(system),
+            temperature=conversation.temperature,
+            max_tokens=conversation.max_tokens,
+        )
+    question = services.do_add_messages(conversation=conversation, messages=turns)
+    assert question is not None
+    return question
+
+
+def open_turn(
+    *, user: AbstractBaseUser, session_id: str, model: str, messages: Sequence[tuple[str, str]]
+) -> tuple[Conversation, Message]:
+    conversation = open_conversation(user=user, session_id=session_id, model=model)
+    question = add_turns(conversation=conversation, messages=messages)
+    conversation.refresh_from_db()
+    return conversation, question

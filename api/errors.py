@@ -1,0 +1,165 @@
+"""The errors of the API and how each family of paths writes them.
+
+Views raise :class:`ApiError` (or let an :class:`~inference.types.InferenceError`
+or :class:`~chatsite.ratelimit.RateLimited` through); :func:`install_handlers`
+teaches a NinjaAPI to answer them: the /v1 paths with OpenAI's error object
+``{"error": {"message", "type", "param", "code"}}``, the original service's
+paths with ``{"error": "message"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from django.core.exceptions import RequestDataTooBig
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, HttpError, ValidationError
+
+from api.services import InvalidApiKey
+from chatsite.ratelimit import RateLimited
+from inference.types import (
+    ContextLengthExceeded,
+    EngineBusy,
+    InferenceError,
+    InvalidRequest,
+    ModelUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+# Seconds a client should wait when the model's queue is full.
+BUSY_RETRY_AFTER = 2
+
+
+class ApiError(Exception):
+    """An error answer: its status, OpenAI type, code and the field it is about."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _param_of(message: str) -> str | None:
+    """The parameter an engine check names first ("top_p must be ...")."""
+    word = message.split(" ", 1)[0]
+    return word if word.replace("_", "").isalpha() and word.islower() else None
+
+
+def api_error_from(exc: Exception) -> ApiError:
+    """The :class:`ApiError` that answers any error a view may meet."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RateLimited):
+        return ApiError(
+            429,
+            exc.message,
+            type="requests" if exc.what == "requests" else "tokens",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, ContextLengthExceeded):
+        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, EngineBusy):
+        return ApiError(
+            503,
+            str(exc),
+            type="server_error",
+            code="engine_overloaded",
+            headers={"Retry-After": str(BUSY_RETRY_AFTER)},
+        )
+    if isinstance(exc, InvalidRequest):
+        return ApiError(400, str(exc), param=_param_of(str(exc)), code="invalid_value")
+    if isinstance(exc, ModelUnavailable):
+        return ApiError(503, str(exc), type="server_error", code="model_unavailable")
+    if isinstance(exc, InferenceError):
+        return ApiError(500, str(exc), type="server_error", code=exc.kind)
+    if isinstance(exc, InvalidApiKey | AuthenticationError):
+        message = (
+            str(exc)
+            if isinstance(exc, InvalidApiKey)
+            else (
+                "You didn't provide an API key. Send it in an Authorization header: "
+                "Authorization: Bearer YOUR_KEY."
+            )
+        )
+        return ApiError(401, message, code="invalid_api_key")
+    if isinstance(exc, Http404):
+        return ApiError(404, "Not found.", code="not_found")
+    if isinstance(exc, RequestDataTooBig):
+        return ApiError(413, "The request body is too large.", code="request_too_large")
+    if isinstance(exc, ValidationError):
+        return _validation_error(exc.errors)
+    if isinstance(exc, HttpError):
+        if exc.status_code == 400:
+            return ApiError(
+                400,
+                "The request body is not valid JSON (it must be a UTF-8 JSON object).",
+                code="invalid_json",
+            )
+        return ApiError(exc.status_code, exc.message)
+    logger.exception("API request failed", exc_info=exc)
+    return ApiError(
+        500, "The server failed to answer this request.", type="server_error", code="internal_error"
+    )
+
+
+def _validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
+    first = errors[0] if errors else {}
+    location = [str(part) for part in first.get("loc", ())]
+    # Ninja's locations start with where the value came from and the argument's name.
+    if location[:1] in (["body"], ["query"], ["path"]):
+        location = location[2:] if location[0] == "body" else location[1:]
+    # Union members add their type names ("str", "list[TextPart]"): keep field names and indexes.
+    param = ".".join(part for part in location if part.isidentifier() or part.isdigit()) or None
+    message = str(first.get("msg", "Invalid request"))
+    if param is None and first.get("type") == "missing":
+        return ApiError(400, "The request needs a JSON body.", code="missing_body")
+    return ApiError(400, f"Invalid value for '{param}': {message}." if param else message, param=param)
+
+
+def openai_error_response(error: ApiError) -> HttpResponse:
+    response = JsonResponse(error.body(), status=error.status)
+    for name, value in error.headers.items():
+        response[name] = value
+    return response
+
+
+def original_error_response(error: ApiError) -> HttpResponse:
+    # The original service knew 400, 401, 404, 429 and 500: the others map to them.
+    status = {413: 400, 503: 429}.get(error.status, error.status)
+    response = JsonResponse({"error": error.message}, status=status)
+    for name, value in error.headers.items():
+        response[name] = value
+    return response
+
+
+def install_handlers(api: NinjaAPI, render: Callable[[ApiError], HttpResponse]) -> None:
+    """Answer every exception through ``render`` (never Django's HTML 500 page)."""
+
+    def handle(request: HttpRequest, exc: Exception | type[Exception]) -> HttpResponse:
+        assert isinstance(exc, Exception)
+        return render(api_error_from(exc))
+
+    # Ninja registers its own handlers for these; the most specific one wins.
+    for kind in (Exception, ValidationError, HttpError, Http404):
+        api.add_exception_handler(kind, handle)

@@ -1,0 +1,227 @@
+"""The bodies of the /v1 API: requests (validated) and responses (documented).
+
+Request models follow OpenAI's names and ranges; the OpenAPI document at
+/v1/openapi.json is made from them, and every body is validated against the
+same models before a view runs. Fields OpenAI defines that this service does
+not use (``tools``, ``logprobs``, ``metadata``...) are accepted and ignored,
+so that clients which always send them keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from ninja import Schema
+from pydantic import BaseModel, ConfigDict, Field
+
+SEED_RANGE = 2**63
+
+
+class TextPart(Schema):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(Schema):
+    # "developer" is OpenAI's newer name for a system message.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(Schema):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    # Plain pydantic models: ninja's Schema has methods named like these fields.
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatText(Schema):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(Schema):
+    type: Literal["json_object"]
+
+
+class ResponseFormatJsonSchema(BaseModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")
+]
+Stop = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None
+
+
+class SamplingFields(Schema):
+    """What both completion endpoints accept besides the prompt."""
+
+    model: str = Field(min_length=1, max_length=100)
+    max_tokens: int | None = Field(default=None, ge=1, le=32_768)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, le=100_000)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, gt=0, le=10)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    stop: Stop = None
+    seed: int | None = Field(default=None, ge=-SEED_RANGE, lt=SEED_RANGE)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=128, description="Only 1 is supported.")
+    user: str | None = Field(default=None, max_length=256)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=10_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32_768)
+    response_format: ResponseFormat | None = None
+    session_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=255,
+        description=(
+            "Continue (or start) a conversation stored for the key's user: the messages are "
+            "appended to it and the reply is stored."
+        ),
+    )
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] = Field(description="The text to continue (a list of one string is accepted).")
+    echo: bool = False
+
+
+# -- responses ----------------------------------------------------------------
+
+
+class ErrorDetail(Schema):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(Schema):
+    error: ErrorDetail
+
+
+class Usage(Schema):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(Schema):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(Schema):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(Schema):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+    session_id: str | None = None
+
+
+class CompletionChoice(Schema):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class Completion(Schema):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ModelOut(Schema):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(Schema):
+    object: Literal["list"]
+    data: list[ModelOut]
+
+
+class ConversationSummary(Schema):
+    id: str
+    object: Literal["conversation"]
+    title: str
+    model: str
+    created: int
+    updated: int
+    message_count: int
+
+
+class ConversationList(Schema):
+    object: Literal["list"]
+    data: list[ConversationSummary]
+
+
+class ConversationMessage(Schema):
+    id: str
+    role: str
+    content: str
+    status: str
+    created: int
+
+
+class ConversationDetail(Schema):
+    id: str
+    object: Literal["conversation"]
+    title: str
+    model: str
+    system_prompt: str
+    created: int
+    updated: int
+    messages: list[ConversationMessage]
+
+
+class ConversationDeleted(Schema):
+    id: str
+    object: Literal["conversation.deleted"]
+    deleted: bool
+
+
+class ImportResultOut(Schema):
+    created: list[str]
+    replaced: list[str]
+    skipped: list[str]
+    messages: int

@@ -1,0 +1,78 @@
+"""A live Daphne of this project for the API tests, with its own database.
+
+:func:`live_api` migrates a temporary SQLite file, creates named users and
+an API key for each through the management commands (as an operator would),
+and starts Daphne on it. Rate limits are off unless the test sets them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.processes import child_env, daphne, manage
+
+NO_LIMITS = {
+    "CHATSITE_RATELIMIT_KEY_REQUESTS_PER_MINUTE": "0",
+    "CHATSITE_RATELIMIT_KEY_TOKENS_PER_MINUTE": "0",
+    "CHATSITE_RATELIMIT_ADDRESS_REQUESTS_PER_MINUTE": "0",
+    "CHATSITE_RATELIMIT_ADDRESS_TOKENS_PER_MINUTE": "0",
+}
+MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class LiveApi:
+    url: str
+    keys: dict[str, str]
+    env: dict[str, str]
+
+    def shell(self, code: str) -> str:
+        """Run Python in ``manage.py shell`` against the server's database."""
+        return manage("shell", "-c", code, env=self.env).stdout
+
+
+def prepared_env(tmp: Path, **changes: str) -> dict[str, str]:
+    env = child_env(
+        CHATSITE_DATABASE_URL=f"sqlite:///{tmp / 'db.sqlite3'}",
+        CHATSITE_SERVER_SECRET_KEY="api-tests",
+        CHATSITE_CHAT_GENERATE_TITLES="false",
+        **{**NO_LIMITS, **changes},
+    )
+    manage("migrate", "--noinput", env=env)
+    return env
+
+
+def create_key(env: Mapping[str, str], username: str, *extra: str) -> str:
+    manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth.models import User; "
+        f"User.objects.get_or_create(username={json.dumps(username)})",
+        env=env,
+    )
+    result = manage("create_api_key", "--user", username, "--name", "tests", *extra, env=env)
+    return result.stdout.strip()
+
+
+@contextmanager
+def live_api(tmp: Path, users: tuple[str, ...] = ("alice",), **changes: str) -> Iterator[LiveApi]:
+    env = prepared_env(tmp, **changes)
+    keys = {user: create_key(env, user) for user in users}
+    with daphne(env) as url:
+        yield LiveApi(url=url, keys=keys, env=env)
+
+
+def sse_lines(response: object) -> list[str]:
+    """The lines of a streamed response, as sent."""
+    import requests
+
+    assert isinstance(response, requests.Response)
+    return [line.decode("utf-8") for line in response.iter_lines(delimiter=b"\n")]
+
+
+__all__ = ["MODEL", "LiveApi", "create_key", "live_api", "prepared_env", "sse_lines", "subprocess"]
