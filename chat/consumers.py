@@ -30,6 +30,7 @@ from chat.models import Conversation, Message
 from chat.rendering import render_markdown
 from chat.replies import ReplyEnded, ReplyRun, ReplyStarted, ReplyText, sampling_for
 from chat.selectors import access_conversation, branch_for_display
+from chatsite import ratelimit
 from inference.types import InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         self.run_conversation_id: uuid.UUID | None = None
         self.title_tasks: set[asyncio.Task[None]] = set()
         self.closed = False
+        self.limits = ratelimit.websocket_limits(self.scope)
         user = self.scope.get("user")
         if user is not None and user.is_authenticated:
             self.user = user
@@ -101,10 +103,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         overrides = frames.sampling_overrides(frame)
         self.ensure_idle()
         conversation_id = frames.optional_uuid(frame, "conversation")
-        if conversation_id is None:
+        conversation = None if conversation_id is None else await self.access(conversation_id)
+        await self.count_request()
+        if conversation is None:
             conversation = await self.start_conversation(content, model_name, system_prompt or "")
-        else:
-            conversation = await self.access(conversation_id)
         question = await database_sync_to_async(services.do_add_user_message)(
             conversation=conversation, content=content
         )
@@ -124,6 +126,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         reply = await self.message_of(conversation, frames.required_uuid(frame, "message"))
         if reply.role != Message.Role.ASSISTANT or reply.parent_id is None:
             raise FrameError("invalid", "Only a reply can be regenerated.")
+        await self.count_request()
         parent = await database_sync_to_async(lambda: reply.parent)()
         self.start_reply(conversation, parent, overrides, model_name=model_name)
 
@@ -136,6 +139,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         message = await self.message_of(conversation, frames.required_uuid(frame, "message"))
         if message.role != Message.Role.USER:
             raise FrameError("invalid", "Only your own messages can be edited.")
+        await self.count_request()
         message.conversation = conversation
         edited = await database_sync_to_async(services.do_edit_user_message)(message=message, content=content)
         self.start_reply(conversation, edited, overrides, model_name=model_name)
@@ -153,6 +157,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     def ensure_idle(self) -> None:
         if self.reply_task is not None and not self.reply_task.done():
             raise FrameError("busy", "A reply is still being generated: stop it or wait for it to finish.")
+
+    async def count_request(self) -> None:
+        """Count a reply against this session's and address's budgets (after
+        every other check, before anything is written)."""
+        try:
+            await ratelimit.acheck_request(self.limits)
+        except ratelimit.RateLimited as exc:
+            raise FrameError("rate_limited", exc.message) from None
 
     async def access(self, conversation_id: uuid.UUID) -> Conversation:
         conversation: Conversation = await database_sync_to_async(access_conversation)(
@@ -242,6 +254,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         finally:
             self.run = None
             self.run_conversation_id = None
+        if ended is not None and ended.reply.completion_tokens:
+            await ratelimit.arecord_tokens(self.limits, ended.reply.completion_tokens)
         if ended is not None and ended.reply.status == Message.Status.COMPLETE:
             self.start_title(conversation.pk)
 

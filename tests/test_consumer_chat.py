@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from channels.db import database_sync_to_async
+from django.core.cache import cache
 from django.test import override_settings
 
 from chat import services
@@ -16,7 +17,14 @@ from chat.selectors import shown_branch
 from inference import registry
 from tests.consumer_helpers import ChatClient, deltas, greedy, new_session
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("engine")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("engine", "fresh_budgets")]
+
+
+@pytest.fixture
+def fresh_budgets() -> None:
+    """Each test starts with unspent rate limits (they are counted in the cache)."""
+    cache.clear()
+
 
 LONG = "Write a long story about a dragon who learns to bake bread, with many details."
 
@@ -315,4 +323,38 @@ async def test_it_writes_a_title_with_the_model_after_the_first_reply() -> None:
     conversation = await database_sync_to_async(Conversation.objects.get)(pk=conversation_id)
     assert conversation.title == title["title"]
     assert conversation.title != "How do I bake sourdough bread at home with…"
+    await client.close()
+
+
+@override_settings(CHATSITE_RATELIMIT_SESSION_REQUESTS_PER_MINUTE=2)
+async def test_it_limits_the_replies_a_session_asks_for_and_keeps_the_socket_open() -> None:
+    client = await connected_client()
+    _, before = await client.reply(type="send", conversation=None, content="One.", settings=greedy(2))
+    conversation_id = before[0]["conversation"]["id"]
+    await client.reply(type="send", conversation=conversation_id, content="Two.", settings=greedy(2))
+    rows = await snapshot()
+    await client.send(type="send", conversation=conversation_id, content="Three.", settings=greedy(2))
+    error, _ = await client.until("error")
+    assert error["code"] == "rate_limited"
+    assert "2 requests per minute" in error["message"]
+    assert await snapshot() == rows
+    # Another browser session has its own budget.
+    other = await connected_client()
+    done, _ = await other.reply(type="send", conversation=None, content="Hello.", settings=greedy(2))
+    assert done["status"] == "complete"
+    await client.close()
+    await other.close()
+
+
+@override_settings(CHATSITE_RATELIMIT_SESSION_TOKENS_PER_MINUTE=5)
+async def test_it_limits_the_tokens_a_session_is_sent() -> None:
+    client = await connected_client()
+    done, before = await client.reply(
+        type="send", conversation=None, content="Count to ten.", settings=greedy(8)
+    )
+    assert done["stats"]["completion_tokens"] >= 5
+    await client.send(type="send", conversation=before[0]["conversation"]["id"], content="Again.")
+    error, _ = await client.until("error")
+    assert error["code"] == "rate_limited"
+    assert "tokens per minute" in error["message"]
     await client.close()
