@@ -30,7 +30,7 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 # The first reply loads the model; replies stream at about 150 tokens/s.
-expect.set_options(timeout=30_000)
+expect.set_options(timeout=45_000)
 
 READER_PASSWORD = "a long password for tests"
 
@@ -82,7 +82,15 @@ def run_python(code: str, *args: str, env: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     database = tmp_path_factory.mktemp("browser") / "db.sqlite3"
-    env = child_env(CHATSITE_DATABASE_URL=f"sqlite:///{database}", CHATSITE_CHAT_GENERATE_TITLES="false")
+    env = child_env(
+        CHATSITE_DATABASE_URL=f"sqlite:///{database}",
+        CHATSITE_CHAT_GENERATE_TITLES="false",
+        # One decoding thread: with one per core, llama.cpp's threads wait on
+        # each other spinning, and when other processes busy the two cores (a
+        # parallel test run) a reply of 8 tokens was measured taking over 15 s
+        # in 3 of 20 tries; with one thread, 0 of 20 on the same busy machine.
+        CHATSITE_INFERENCE_N_THREADS="1",
+    )
     manage("migrate", "--noinput", env=env)
     seeded = run_python(SEED, READER_PASSWORD, env=env)
     with daphne(env) as url:
@@ -384,6 +392,15 @@ def test_it_logs_in_and_shows_markdown_in_light_and_dark(context: BrowserContext
     expect(page.locator(".context-marker")).to_have_text("Earlier messages are outside the model's view")
     expect(page.locator(".message-assistant .versions-position")).to_have_text("2/2")
     expect(page.locator(".message-note")).to_be_visible()
+
+    # Copy gives the code of a block, and a reply's Markdown source.
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
+    code_copy = page.locator(".code-copy").first
+    code_copy.click()
+    expect(code_copy).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()").startswith("numbers = [3, 1, 2]\n")
+    page.locator(".message-assistant").first.get_by_role("button", name="Copy reply").click()
+    assert page.evaluate("navigator.clipboard.readText()").startswith("Use the built-in **`sorted()`**")
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.get_by_role("button", name="Light theme").click()
