@@ -17,10 +17,12 @@ import logging
 import uuid
 from typing import Any
 
+from autobahn.exception import Disconnected
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import transaction
 from django.template.loader import render_to_string
 from django.urls import reverse
 
@@ -106,7 +108,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         conversation = None if conversation_id is None else await self.access(conversation_id)
         await self.count_request()
         if conversation is None:
-            conversation = await self.start_conversation(content, model_name, system_prompt or "")
+            conversation = await self.start_conversation(content, model_name, system_prompt or "", overrides)
         question = await database_sync_to_async(services.do_add_user_message)(
             conversation=conversation, content=content
         )
@@ -178,13 +180,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         )
         return message
 
-    async def start_conversation(self, content: str, model_name: str, system_prompt: str) -> Conversation:
-        conversation: Conversation = await database_sync_to_async(services.do_start_conversation)(
+    async def start_conversation(
+        self, content: str, model_name: str, system_prompt: str, overrides: dict[str, Any]
+    ) -> Conversation:
+        """A new conversation; the temperature and max tokens of its first
+        message's settings become its own, as the page's settings panel shows."""
+        conversation: Conversation = await database_sync_to_async(start_conversation)(
             model_name=model_name or settings.CHATSITE_DEFAULT_MODEL,
             owner=self.user,
             session_key="" if self.user is not None else self.session_key,
             title=titles.first_words(content),
             system_prompt=system_prompt,
+            temperature=overrides.get("temperature"),
+            max_tokens=overrides.get("max_tokens"),
         )
         await self.send_json(
             {
@@ -285,12 +293,31 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         await self.send_frame({"type": "error", "code": code, "message": message})
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        try:
             await self.send_json(frame)
+        except Disconnected:
+            # The browser went away; disconnect() follows and stops the reply.
+            self.closed = True
 
     @classmethod
     async def encode_json(cls, content: Any) -> str:
         return json.dumps(content, ensure_ascii=False)
+
+
+@transaction.atomic
+def start_conversation(*, temperature: float | None, max_tokens: int | None, **fields: Any) -> Conversation:
+    conversation = services.do_start_conversation(**fields)
+    if temperature is not None or max_tokens is not None:
+        services.do_update_conversation_settings(
+            conversation=conversation,
+            model_name=conversation.model_name,
+            system_prompt=conversation.system_prompt,
+            temperature=temperature,
+            max_tokens=max_tokens,
+        )
+    return conversation
 
 
 def render_branch(conversation_id: uuid.UUID) -> str:

@@ -50,7 +50,7 @@ from chat.context import Prompt, build_prompt_for_reply
 from chat.models import Conversation, Message
 from chat.selectors import branch_ending_at
 from inference import registry
-from inference.engine import Generation
+from inference.client import GenerationStream
 from inference.types import (
     Finished,
     GenerationRequest,
@@ -156,7 +156,7 @@ class ReplyRun:
         self.store_refusals = store_refusals
         self.flush_interval = flush_interval
         self.reply: Message | None = None
-        self._generation: Generation | None = None
+        self._generation: GenerationStream | None = None
         self._stop_requested = False
         self._events: AsyncGenerator[ReplyEvent, None] | None = None
 
@@ -248,7 +248,7 @@ class ReplyRun:
             ended, finished, error_code=error_code, error=error, left_out_ids=prompt.left_out_ids
         )
 
-    async def _prepare(self) -> tuple[Prompt, Generation]:
+    async def _prepare(self) -> tuple[Prompt, GenerationStream]:
         """The prompt and the queued generation; raises what refuses the reply."""
         branch = await database_sync_to_async(branch_ending_at)(self.parent)
         try:

@@ -19,7 +19,7 @@ from chat import services
 from chat.models import Conversation, Message
 from chat.selectors import shown_branch
 from inference import registry
-from inference.engine import Engine
+from inference.client import EngineClient
 from inference.types import ChatMessage, GenerationRequest, InferenceError, SamplingParams, TextDelta
 
 FIRST_WORDS = 8
@@ -81,7 +81,7 @@ def _save_title(conversation_id: uuid.UUID, automatic: str, title: str) -> bool:
     return True
 
 
-def _someone_waits(engine: Engine) -> bool:
+def _someone_waits(engine: EngineClient) -> bool:
     return engine.waiting > 0
 
 

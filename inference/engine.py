@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from llama_cpp import Llama
     from llama_cpp.llama_grammar import LlamaGrammar
 
-    from inference.registry import ModelSpec
+    from inference.specs import ModelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -72,6 +72,9 @@ async def test_it_streams_a_reply_and_stores_both_messages() -> None:
     conversation = await database_sync_to_async(Conversation.objects.get)(pk=conversation_id)
     assert conversation.session_owner == session_owner_token(client.session_key or "")
     assert conversation.title == "What is the capital of France?"
+    # The first message's settings become the new conversation's own.
+    assert conversation.temperature == 0
+    assert conversation.max_tokens == 16
     await client.close()
 
 
