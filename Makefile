@@ -33,7 +33,7 @@ LLAMA_WHEELS ?= $(HOME)/.cache/chatsite/llama-cpp-python/$(LLAMA_VERSION)-$(LLAM
 
 STAMPS := $(VENV)/.stamps
 
-.PHONY: install install-dev system-packages run test lint typecheck pytest migrate static clean bench
+.PHONY: install install-dev system-packages run test lint typecheck pytest migrate static clean bench llama-server
 
 install: $(STAMPS)/runtime-$(LLAMA_VARIANT)
 
@@ -101,8 +101,18 @@ pytest: install-dev system-packages
 
 test: lint typecheck pytest
 
-bench: install-dev
-	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+# llama.cpp's own server, built from the sources of the pinned
+# llama-cpp-python's sdist with the same flags, once per machine; the
+# benchmark's third side (bench/build_llama_server.sh says how).
+LLAMA_SERVER ?= $(HOME)/.cache/chatsite/llama-server/$(LLAMA_VERSION)-$(LLAMA_VARIANT)/llama-server
+$(LLAMA_SERVER): | $(BIN)/python
+	LLAMA_VERSION=$(LLAMA_VERSION) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" PIP=$(BIN)/pip \
+		bash bench/build_llama_server.sh $@
+
+llama-server: $(LLAMA_SERVER)
+
+bench: install-dev $(LLAMA_SERVER)
+	LLAMA_SERVER=$(LLAMA_SERVER) $(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) staticfiles .mypy_cache .ruff_cache .pytest_cache

@@ -126,6 +126,16 @@ CHATSITE_DEFAULT_MODEL = config.get_str("inference.default_model", "smollm2-135m
 CHATSITE_QUEUE_SIZE = config.get_int("inference.queue_size", 8, minimum=0)
 # Threads llama.cpp uses for decoding; 0 means one per CPU core.
 CHATSITE_N_THREADS = config.get_int("inference.n_threads", 0, minimum=0)
+# Identical greedy output whatever ran before (one sequence at a time, prompt
+# chunks at fixed positions), at the cost of batching and of most prompt-cache
+# reuse. Off (the default) favours speed, as llama-server and vLLM do.
+CHATSITE_DETERMINISTIC = config.get_bool("inference.deterministic", False)
+# Sequences each model decodes together, unless its table sets `parallel`;
+# 0: the engine's default for the machine (CPU or GPU build).
+CHATSITE_PARALLEL = config.get_int("inference.parallel", 0, minimum=0)
+# RAM kept for the KV state of conversations whose slot went to another
+# request (least recently used evicted), per model, in MiB; 0 disables it.
+CHATSITE_PROMPT_CACHE_MIB = config.get_int("inference.prompt_cache_mib", 512, minimum=0)
 # Defaults for requests that do not say otherwise.
 CHATSITE_DEFAULT_MAX_TOKENS = config.get_int("inference.default_max_tokens", 512, minimum=1)
 

@@ -250,9 +250,23 @@ class Generation:
 class Engine:
     """Serves generation requests for one model, one at a time, in FIFO order."""
 
-    def __init__(self, spec: ModelSpec, *, queue_size: int, n_threads: int = 0) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        queue_size: int,
+        n_threads: int = 0,
+        parallel: int = 0,
+        deterministic: bool = False,
+        prompt_cache_bytes: int = 0,
+    ) -> None:
         self.spec = spec
         self.queue_size = queue_size
+        # Continuous batching and the RAM prompt cache come with the batched
+        # engine; today every request runs alone, deterministically.
+        self.parallel = parallel or 1
+        self.deterministic = deterministic
+        self.prompt_cache_bytes = prompt_cache_bytes
         # The model's own setting, else the service's, else one per core.
         self.n_threads = spec.n_threads or n_threads or os.cpu_count() or 1
         self._llama: Llama | None = None

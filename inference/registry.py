@@ -84,7 +84,12 @@ def get_engine(name: str | None = None) -> Engine:
             # The model's settings changed (tests override them): a new engine.
             replaced = engine
             engine = _engines[spec.name] = Engine(
-                spec, queue_size=settings.CHATSITE_QUEUE_SIZE, n_threads=settings.CHATSITE_N_THREADS
+                spec,
+                queue_size=settings.CHATSITE_QUEUE_SIZE,
+                n_threads=settings.CHATSITE_N_THREADS,
+                parallel=spec.parallel or settings.CHATSITE_PARALLEL,
+                deterministic=settings.CHATSITE_DETERMINISTIC,
+                prompt_cache_bytes=settings.CHATSITE_PROMPT_CACHE_MIB * 2**20,
             )
     if replaced is not None:
         replaced.close()  # outside the lock: it waits for the running request
