@@ -3,6 +3,11 @@
 The changelist costs the same number of queries however many conversations
 it shows: owners come through ``list_select_related`` and the message count
 through a subquery (a join would multiply rows when searching message text).
+
+Every write goes through :mod:`chat.services`, as the site's do: the change
+forms check a change with the services' ``check_*`` functions (their errors
+name the field) and save it with their ``do_*`` functions, never with
+``ModelAdmin.save_model``'s plain ``obj.save()``.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
@@ -22,21 +28,56 @@ from django.utils.safestring import SafeString
 from chat import services, sessions_io
 from chat.models import Conversation, Message
 from chat.selectors import MessageTree, message_tree
+from inference import registry
 
 if TYPE_CHECKING:
     # ModelAdmin is generic only in django-stubs (django-stubs-ext, which
     # patches it at run time, is a development tool here).
     ConversationAdminBase = admin.ModelAdmin[Conversation]
     MessageAdminBase = admin.ModelAdmin[Message]
+    ConversationFormBase = forms.ModelForm[Conversation]
+    MessageFormBase = forms.ModelForm[Message]
 else:
     ConversationAdminBase = MessageAdminBase = admin.ModelAdmin
+    ConversationFormBase = MessageFormBase = forms.ModelForm
 
 # Alternative versions deeper than this are drawn at this indent.
 MAX_INDENT = 8
 
 
+class ConversationAdminForm(ConversationFormBase):
+    def clean_model_name(self) -> str:
+        name: str = self.cleaned_data["model_name"]
+        # A conversation imported with a model this site lacks keeps it until
+        # someone changes it; a new choice must be a configured model.
+        if "model_name" in self.changed_data and name not in registry.model_names():
+            raise forms.ValidationError(
+                f"Not a configured model; the models are: {', '.join(registry.model_names())}."
+            )
+        return name
+
+    def clean(self) -> dict[str, Any]:
+        cleaned: dict[str, Any] = super().clean() or {}
+        if "model_name" in cleaned:
+            services.check_admin_conversation_change(model_name=cleaned["model_name"])
+        return cleaned
+
+
+class MessageAdminForm(MessageFormBase):
+    def clean(self) -> dict[str, Any]:
+        cleaned: dict[str, Any] = super().clean() or {}
+        if "content" in cleaned and "status" in cleaned:
+            # ``self.instance`` is still the stored row here (the form's
+            # values are put on it after clean()).
+            services.check_admin_message_change(
+                message=self.instance, content=cleaned["content"], status=cleaned["status"]
+            )
+        return cleaned
+
+
 @admin.register(Conversation)
 class ConversationAdmin(ConversationAdminBase):
+    form = ConversationAdminForm
     list_display = ("display_title", "owner_display", "model_name", "message_count", "updated_at")
     list_select_related = ("owner",)
     list_filter = ("model_name", "updated_at")
@@ -148,6 +189,20 @@ class ConversationAdmin(ConversationAdminBase):
         perms_needed.discard(str(Message._meta.verbose_name))
         return deleted, counts, perms_needed, protected
 
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # A conversation starts on the site, through the API or by import;
+        # one made here would be an empty shell (messages cannot be added).
+        return False
+
+    def save_model(self, request: HttpRequest, obj: Conversation, form: Any, change: bool) -> None:
+        services.do_update_conversation_from_admin(
+            conversation=obj,
+            title=form.cleaned_data["title"],
+            owner=form.cleaned_data["owner"],
+            model_name=form.cleaned_data["model_name"],
+            system_prompt=form.cleaned_data["system_prompt"],
+        )
+
     def delete_model(self, request: HttpRequest, obj: Conversation) -> None:
         services.do_delete_conversation(conversation=obj)
 
@@ -205,6 +260,7 @@ class MessageAdmin(MessageAdminBase):
         "created_at",
     )
     readonly_fields = tuple(name for name in fields if name not in ("content", "status"))
+    form = MessageAdminForm
 
     @admin.display(description="message")
     def short_content(self, message: Message) -> str:
@@ -213,6 +269,11 @@ class MessageAdmin(MessageAdminBase):
     def has_add_permission(self, request: HttpRequest) -> bool:
         # A message has a place in a tree that only the chat services set.
         return False
+
+    def save_model(self, request: HttpRequest, obj: Message, form: Any, change: bool) -> None:
+        services.do_edit_message_from_admin(
+            message=obj, content=form.cleaned_data["content"], status=form.cleaned_data["status"]
+        )
 
     def has_delete_permission(self, request: HttpRequest, obj: Message | None = None) -> bool:
         # Nothing is ever lost: a message goes only with its whole

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Sequence
 
 from django.contrib.auth.base_user import AbstractBaseUser
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import F, QuerySet, TextField, Value
 from django.db.models.functions import Concat
@@ -370,3 +371,75 @@ def do_write_imported_conversations(
         conversation.current_leaf_id = leaf
     with_leaf = [c for c in conversations if c.current_leaf_id is not None]
     Conversation.objects.bulk_update(with_leaf, ["current_leaf"], batch_size=500)
+
+
+# --- Written for the admin's own forms (chat/admin.py) ---
+
+
+def check_admin_conversation_change(*, model_name: str) -> None:
+    """Raise a ``ValidationError`` naming the field an operator's change to a
+    conversation got wrong (the admin shows it beside that field)."""
+    if not model_name.strip():
+        raise ValidationError({"model_name": "A conversation needs a model."})
+
+
+@transaction.atomic
+def do_update_conversation_from_admin(
+    *,
+    conversation: Conversation,
+    title: str,
+    owner: AbstractBaseUser | None,
+    model_name: str,
+    system_prompt: str,
+) -> None:
+    """An operator's change to a conversation, from the admin's form.
+
+    Giving an anonymous session's conversation to a user takes it from the
+    session (a conversation belongs to one or the other). Raises
+    ``ValidationError`` naming the field (:func:`check_admin_conversation_change`).
+    """
+    check_admin_conversation_change(model_name=model_name)
+    changes: dict[str, object] = {
+        "title": title.strip()[:TITLE_MAX_LENGTH],
+        "owner_id": owner.pk if owner is not None else None,
+        "model_name": model_name.strip(),
+        "system_prompt": system_prompt,
+    }
+    if owner is not None:
+        changes["session_owner"] = ""
+    _touch(conversation, **changes)
+
+
+def check_admin_message_change(*, message: Message, content: str, status: str) -> None:
+    """Raise a ``ValidationError`` naming the field an operator's change to a
+    message got wrong: a user message needs text, and only the reply runner
+    makes a message ``streaming`` (a row set to it would wait for text
+    nobody is writing)."""
+    errors: dict[str, str] = {}
+    if message.role == Message.Role.USER and not content.strip():
+        errors["content"] = "A user message needs some text."
+    if status not in Message.Status.values:
+        errors["status"] = f"Unknown status {status!r}."
+    elif status == Message.Status.STREAMING and message.status != Message.Status.STREAMING:
+        errors["status"] = "Only a reply being generated is streaming; choose another status."
+    elif message.role != Message.Role.ASSISTANT and status != Message.Status.COMPLETE:
+        errors["status"] = "Only a reply can be stopped, failed or interrupted."
+    if errors:
+        raise ValidationError(errors)
+
+
+@transaction.atomic
+def do_edit_message_from_admin(*, message: Message, content: str, status: str) -> Message:
+    """An operator's correction of a message's text or status, in place (the
+    one write that overwrites a message: the site's edits add a sibling).
+
+    ``message`` is the row as stored; it is reloaded, changed and returned.
+    Raises ``ValidationError`` naming the field (:func:`check_admin_message_change`).
+    """
+    current = Message.objects.select_for_update().get(pk=message.pk)
+    check_admin_message_change(message=current, content=content, status=status)
+    current.content = content
+    current.status = status
+    current.save(update_fields=["content", "status"])
+    Conversation.objects.filter(pk=current.conversation_id).update(updated_at=timezone.now())
+    return current

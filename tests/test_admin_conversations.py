@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pytest
+from django.contrib.auth.models import User
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
+from django.utils import timezone
 
 from chat import services
 from chat.models import Conversation, Message
 from chat.owners import session_owner_token
 from tests.base import (
+    MODEL,
     OPERATOR_PERMISSIONS,
     add_reply,
     make_conversation,
@@ -285,3 +289,81 @@ def test_it_refuses_an_original_export_that_would_list_two_conversations_as_one(
     # The full format keeps both apart.
     response = operator_client.post(CHANGELIST, {"action": "export_full", **selected})
     assert len(json.loads(response.content)["conversations"]) == 2
+
+
+def _a_day_ago(conversation: Conversation) -> dt.datetime:
+    """Move the conversation's ``updated_at`` a day back; returns it."""
+    past = timezone.now() - dt.timedelta(days=1)
+    Conversation.objects.filter(pk=conversation.pk).update(updated_at=past)
+    return past
+
+
+def test_it_saves_a_conversation_change_through_the_services(operator_client: Client) -> None:
+    conversation, _ = make_conversation("hi", session_key="anon", title="Old")
+    before = _a_day_ago(conversation)
+    bob = make_user("bob")
+    url = reverse("admin:chat_conversation_change", args=[conversation.pk])
+    response = operator_client.post(
+        url,
+        {"title": "  Given to Bob  ", "owner": bob.pk, "model_name": MODEL, "system_prompt": "Be brief."},
+    )
+    assert response.status_code == 302
+    conversation.refresh_from_db()
+    # The service trims the title, touches updated_at and, as the conversation
+    # now has a user, takes it from the anonymous session (never both).
+    assert (conversation.title, conversation.owner, conversation.system_prompt) == (
+        "Given to Bob",
+        bob,
+        "Be brief.",
+    )
+    assert conversation.session_owner == ""
+    assert conversation.updated_at > before
+
+
+def test_it_adds_no_conversation_outside_the_chat(client: Client) -> None:
+    # A conversation starts on the site, through the API or by import.
+    client.force_login(User.objects.create_superuser("root", password=None))
+    assert client.get(reverse("admin:chat_conversation_add")).status_code == 403
+
+
+def test_it_refuses_a_model_that_is_not_configured_beside_the_field(operator_client: Client) -> None:
+    conversation, _ = make_conversation("hi", title="Kept")
+    url = reverse("admin:chat_conversation_change", args=[conversation.pk])
+    response = operator_client.post(url, {"title": "Changed", "model_name": "gpt-4o"})
+    assert response.status_code == 200
+    assert set(response.context["adminform"].form.errors) == {"model_name"}
+    conversation.refresh_from_db()
+    assert conversation.title == "Kept"
+
+
+def test_it_edits_a_message_in_place_through_the_services(operator_client: Client) -> None:
+    conversation, (_, answer) = make_conversation("a question", "a wrong answer")
+    before = _a_day_ago(conversation)
+    url = reverse("admin:chat_message_change", args=[answer.pk])
+    response = operator_client.post(url, {"content": "a corrected answer", "status": "stopped"})
+    assert response.status_code == 302
+    answer.refresh_from_db()
+    assert (answer.content, answer.status) == ("a corrected answer", Message.Status.STOPPED)
+    conversation.refresh_from_db()
+    assert conversation.updated_at > before
+    assert Message.objects.count() == 2
+
+
+@pytest.mark.parametrize(
+    ("which", "data", "field"),
+    [
+        ("question", {"content": "   ", "status": "complete"}, "content"),
+        ("question", {"content": "fine", "status": "error"}, "status"),
+        ("answer", {"content": "fine", "status": "streaming"}, "status"),
+    ],
+)
+def test_it_refuses_a_message_change_the_services_refuse_beside_the_field(
+    operator_client: Client, which: str, data: dict[str, str], field: str
+) -> None:
+    _, (question, answer) = make_conversation("a question", "an answer")
+    message = question if which == "question" else answer
+    response = operator_client.post(reverse("admin:chat_message_change", args=[message.pk]), data)
+    assert response.status_code == 200
+    assert set(response.context["adminform"].form.errors) == {field}
+    stored = Message.objects.get(pk=message.pk)
+    assert (stored.content, stored.status) == (message.content, message.status)
