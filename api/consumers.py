@@ -24,6 +24,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from api.auth import authenticate, secret_from_scope
 from api.errors import ApiError, api_error_from
 from api.original import ChatBody, start_chat
+from api.replies import record_usage
 from chatsite import ratelimit
 
 END = "__END__"
@@ -56,13 +57,15 @@ class OriginalChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         try:
             caller = await authenticate(secret_from_scope(self.scope), ratelimit.client_address(self.scope))
             reply = await start_chat(caller, body)
-            async for piece in reply.pieces():
-                await self.send(text_data=piece)
+            try:
+                async for piece in reply.pieces():
+                    await self.send(text_data=piece)
+            finally:  # also when the socket closed (this task is cancelled)
+                await record_usage(caller.limits, reply)
             ended = reply.ended
             if ended is None or ended.finished is None or ended.error:
                 await self._error((ended.error if ended else "") or "generation failed")
                 return
-            await ratelimit.arecord_tokens(caller.limits, ended.finished.completion_tokens)
             await self.send(text_data=END)
         except asyncio.CancelledError:
             raise

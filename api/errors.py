@@ -77,22 +77,10 @@ def api_error_from(exc: Exception) -> ApiError:
             code="rate_limit_exceeded",
             headers={"Retry-After": str(exc.retry_after)},
         )
-    if isinstance(exc, ContextLengthExceeded):
-        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
-    if isinstance(exc, EngineBusy):
-        return ApiError(
-            503,
-            str(exc),
-            type="server_error",
-            code="engine_overloaded",
-            headers={"Retry-After": str(BUSY_RETRY_AFTER)},
-        )
-    if isinstance(exc, InvalidRequest):
-        return ApiError(400, str(exc), param=_param_of(str(exc)), code="invalid_value")
     if isinstance(exc, ModelUnavailable):
         return ApiError(503, str(exc), type="server_error", code="model_unavailable")
     if isinstance(exc, InferenceError):
-        return ApiError(500, str(exc), type="server_error", code=exc.kind)
+        return refusal_error(exc.kind, str(exc))
     if isinstance(exc, InvalidApiKey | AuthenticationError):
         message = (
             str(exc)
@@ -121,6 +109,25 @@ def api_error_from(exc: Exception) -> ApiError:
     return ApiError(
         500, "The server failed to answer this request.", type="server_error", code="internal_error"
     )
+
+
+def refusal_error(kind: str, message: str) -> ApiError:
+    """The answer to a reply refused before it started, from the
+    :class:`~inference.types.InferenceError` kind that refused it (the reply
+    runner reports a stored refusal by its kind and message only)."""
+    if kind == ContextLengthExceeded.kind:
+        return ApiError(400, message, param="messages", code="context_length_exceeded")
+    if kind == EngineBusy.kind:
+        return ApiError(
+            503,
+            message,
+            type="server_error",
+            code="engine_overloaded",
+            headers={"Retry-After": str(BUSY_RETRY_AFTER)},
+        )
+    if kind == InvalidRequest.kind:
+        return ApiError(400, message, param=_param_of(message), code="invalid_value")
+    return ApiError(500, message, type="server_error", code=kind)
 
 
 def _validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:

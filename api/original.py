@@ -21,13 +21,19 @@ from pydantic import ConfigDict, Field
 from api.auth import ApiKeyAuth, Caller
 from api.conversations import open_turn
 from api.errors import ApiError, api_error_from, install_handlers, original_error_response
-from api.replies import StartedReply, check_model, sampling_params, start_in_conversation, start_stateless
+from api.replies import (
+    StartedReply,
+    check_model,
+    record_usage,
+    sampling_params,
+    start_in_conversation,
+    start_stateless,
+)
 from api.selectors import access_api_conversation, api_conversations, api_shown_branch
 from api.sessions import delete_conversation
 from api.sse import event_stream, text_event
 from chat import services
 from chat.models import Conversation
-from chatsite import ratelimit
 from inference import registry
 from inference.types import ChatMessage, ModelUnavailable
 
@@ -120,10 +126,10 @@ async def _text_events(caller: Caller, reply: StartedReply) -> AsyncIterator[byt
         ended = reply.ended
         if ended is None or ended.finished is None or ended.error:
             yield b"event: error\n" + text_event((ended.error if ended else "") or "generation failed")
-            return
-        await ratelimit.arecord_tokens(caller.limits, ended.finished.completion_tokens)
     except Exception as exc:
         yield b"event: error\n" + text_event(api_error_from(exc).message)
+    finally:  # also when the client went away (this task is cancelled)
+        await record_usage(caller.limits, reply)
 
 
 @api.post("/completions")
@@ -136,11 +142,13 @@ async def completions(request: HttpRequest, body: CompletionBody) -> Any:
     reply = await start_stateless(model=model, params=params, prompt=body.prompt)
     if body.stream:
         return event_stream(_text_events(caller, reply))
-    text = await reply.text()
+    try:
+        text = await reply.text()
+    finally:
+        await record_usage(caller.limits, reply)
     ended = reply.ended
     if ended is None or ended.finished is None or ended.error:
         raise ApiError(500, (ended.error if ended else "") or "generation failed")
-    await ratelimit.arecord_tokens(caller.limits, ended.finished.completion_tokens)
     return {"text": text, "model": model, "tokens": ended.finished.completion_tokens}
 
 

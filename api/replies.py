@@ -9,19 +9,27 @@ reply gives its text pieces; ``ended`` then holds the engine's last event.
 Stateless requests go straight to the model's engine. With a conversation
 (``session_id``), the reply runs through :class:`chat.replies.ReplyRun`,
 which stores it as it streams; a client that goes away cancels the consuming
-task, and the runner keeps what was generated as ``stopped``.
+task, and the runner keeps what was generated as ``stopped``. A reply refused
+before it started is stored too, as an ``error`` reply saying why (as the
+site stores it), and still raised, so that the request gets its status.
+
+Whatever way a reply ends, the caller counts its tokens against the rate
+limits with :func:`record_usage`, in a ``finally``: a stream the client cut
+off counts what it had generated.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from django.conf import settings
 
-from api.errors import ApiError
+from api.errors import ApiError, refusal_error
 from chat.models import Conversation, Message
 from chat.replies import ReplyEnded, ReplyRun, ReplyText
+from chatsite import ratelimit
 from inference import registry
 from inference.types import (
     ChatMessage,
@@ -49,7 +57,18 @@ class StartedReply:
     first: str | Ended
     ended: Ended | None = None
     conversation: Conversation | None = None
+    # The pieces taken from the engine so far.
+    streamed: int = 0
     _consumed: bool = field(default=False)
+
+    @property
+    def completion_tokens(self) -> int:
+        """The tokens generated: the engine's count once the reply ended,
+        else (the client went away first) the pieces streamed, one per token
+        but for the few the engine held back (a character split between
+        tokens, the start of a stop string)."""
+        finished = self.ended.finished if self.ended is not None else None
+        return finished.completion_tokens if finished is not None else self.streamed
 
     async def pieces(self) -> AsyncIterator[str]:
         """The text pieces, in order; :attr:`ended` is set when they stop."""
@@ -62,6 +81,7 @@ class StartedReply:
                 if isinstance(item, Ended):
                     self.ended = item
                     return
+                self.streamed += 1
                 yield item
                 item = await self.events.__anext__()
         except StopAsyncIteration:
@@ -135,11 +155,18 @@ async def _engine_events(model: str, request: GenerationRequest) -> AsyncGenerat
 
 
 async def _run_events(run: ReplyRun) -> AsyncGenerator[str | Ended, None]:
+    """The runner's text, then how it ended. A reply refused before its
+    first token (the prompt does not fit, the queue is full) is stored by the
+    runner as an ``error`` reply, and raised here as the error it answers."""
     async with run:
+        generated = False
         async for event in run:
             if isinstance(event, ReplyText):
+                generated = True
                 yield event.text
             elif isinstance(event, ReplyEnded):
+                if not generated and event.finished is None and event.error_code:
+                    raise refusal_error(event.error_code, event.error)
                 yield Ended(event.finished, event.error)
                 return
 
@@ -180,10 +207,18 @@ async def start_in_conversation(
         params=params,
         transport="api",
         model_name=model,
-        store_refusals=False,
+        store_refusals=True,
     )
     events, first = await _start(_run_events(run))
     return StartedReply(events=events, first=first, conversation=conversation)
 
 
-__all__ = ["Ended", "InferenceError", "StartedReply", "check_model", "sampling_params"]
+async def record_usage(limits: Sequence[ratelimit.Limit], reply: StartedReply) -> None:
+    """Count the reply's generated tokens against ``limits``. Call it once,
+    in a ``finally`` around the reply's iteration: a client that goes away
+    cancels that task, and its tokens count all the same (shielded, so that
+    a second cancel does not lose them)."""
+    await asyncio.shield(ratelimit.arecord_tokens(limits, reply.completion_tokens))
+
+
+__all__ = ["Ended", "InferenceError", "StartedReply", "check_model", "record_usage", "sampling_params"]

@@ -83,7 +83,8 @@ class SamplingFields(Schema):
     seed: int | None = Field(default=None, ge=-SEED_RANGE, lt=SEED_RANGE)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=128, description="Only 1 is supported.")
+    # OpenAI's n (up to 128 choices): this service returns one.
+    n: int = Field(default=1, ge=1, le=1, description="The number of choices: only 1 is supported.")
     user: str | None = Field(default=None, max_length=256)
 
 

@@ -23,10 +23,16 @@ from api import schemas
 from api.auth import ApiKeyAuth, Caller
 from api.conversations import open_turn
 from api.errors import ApiError, api_error_from, install_handlers, openai_error_response
-from api.replies import StartedReply, check_model, sampling_params, start_in_conversation, start_stateless
+from api.replies import (
+    StartedReply,
+    check_model,
+    record_usage,
+    sampling_params,
+    start_in_conversation,
+    start_stateless,
+)
 from api.selectors import access_api_conversation, api_conversations, api_shown_branch
 from api.sessions import delete_conversation, export_conversation, import_for_user
-from chatsite import ratelimit
 from inference import registry
 from inference.engine import grammar_for_json_schema, json_object_grammar
 from inference.types import ChatMessage, InvalidRequest
@@ -55,10 +61,27 @@ api = NinjaAPI(
 )
 install_handlers(api, openai_error_response)
 
+# Added to the JSON body ninja documents for 200 (an int key: ninja merges
+# it into that response). Before Open API 3.2 the schema of an event stream
+# describes one event.
 _STREAMS = {
-    "200": {
+    200: {
         "description": "The completion; with `stream: true`, server-sent events, then `data: [DONE]`.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "data": {
+                            "type": "string",
+                            "description": 'A JSON chunk, an error object `{"error": ...}`, or `[DONE]`.',
+                        },
+                        "event": {"type": "string"},
+                    },
+                    "required": ["data"],
+                }
+            }
+        },
     }
 }
 
@@ -95,10 +118,6 @@ def _failure(reply: StartedReply) -> ApiError | None:
     return None
 
 
-async def _record(caller: Caller, reply: StartedReply) -> None:
-    await ratelimit.arecord_tokens(caller.limits, _usage(reply)["completion_tokens"])
-
-
 def _grammar(body: schemas.ChatCompletionRequest) -> str | None:
     fmt = body.response_format
     if isinstance(fmt, schemas.ResponseFormatJsonObject):
@@ -109,11 +128,6 @@ def _grammar(body: schemas.ChatCompletionRequest) -> str | None:
         except InvalidRequest as exc:
             raise ApiError(400, str(exc), param="response_format", code="invalid_json_schema") from None
     return None
-
-
-def _check_n(n: int) -> None:
-    if n != 1:
-        raise ApiError(400, "Only n=1 is supported: this service returns one choice.", param="n")
 
 
 async def _stream(
@@ -153,9 +167,10 @@ async def _stream(
                 }
             )
         yield DONE
-        await _record(caller, reply)
     except Exception as exc:  # after the first byte, an error can only be an event
         yield json_event(api_error_from(exc).body())
+    finally:  # also when the client went away (this task is cancelled)
+        await record_usage(caller.limits, reply)
 
 
 @api.post(
@@ -166,7 +181,6 @@ async def _stream(
 )
 async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionRequest) -> Any:
     caller = _caller(request)
-    _check_n(body.n)
     model = check_model(body.model)
     params = sampling_params(
         max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -229,11 +243,13 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
                 model=model,
             )
         )
-    text = await reply.text()
+    try:
+        text = await reply.text()
+    finally:
+        await record_usage(caller.limits, reply)
     failure = _failure(reply)
     if failure is not None:
         raise failure
-    await _record(caller, reply)
     result: dict[str, Any] = {
         "id": completion_id,
         "object": "chat.completion",
@@ -263,7 +279,6 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
 )
 async def completions(request: HttpRequest, body: schemas.CompletionRequest) -> Any:
     caller = _caller(request)
-    _check_n(body.n)
     model = check_model(body.model)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1 or not prompts[0]:
@@ -318,11 +333,13 @@ async def completions(request: HttpRequest, body: schemas.CompletionRequest) -> 
             if not echo
             else _echo_then(echo, chunk, caller, reply, include_usage, completion_id, created, model)
         )
-    text = await reply.text()
+    try:
+        text = await reply.text()
+    finally:
+        await record_usage(caller.limits, reply)
     failure = _failure(reply)
     if failure is not None:
         raise failure
-    await _record(caller, reply)
     return {
         "id": completion_id,
         "object": "text_completion",
