@@ -66,6 +66,8 @@ logger = logging.getLogger(__name__)
 # How often streamed text is written to the reply's row: a crash loses at most
 # this much of a reply, and a fast model costs about four writes a second.
 FLUSH_INTERVAL = 0.25
+# How long a reply whose caller went away waits for the engine's final event.
+STOP_WAIT_SECONDS = 5.0
 
 STATUS_FOR_REASON = {
     "stop": Message.Status.COMPLETE,
@@ -232,9 +234,10 @@ class ReplyRun:
             error_code, error = exc.kind, str(exc)
         except BaseException:
             # Cancelled, closed early (GeneratorExit) or failed: keep what was
-            # generated, as stopped, then let the exception go on.
+            # generated, as stopped, with the engine's counts, then let the
+            # exception go on.
             generation.cancel()
-            await asyncio.shield(self._close(reply, None, status=Message.Status.STOPPED, pending=pending))
+            await asyncio.shield(self._stop(reply, generation, pending, prompt))
             raise
         if finished is None:
             status = Message.Status.ERROR
@@ -247,6 +250,24 @@ class ReplyRun:
         yield ReplyEnded(
             ended, finished, error_code=error_code, error=error, left_out_ids=prompt.left_out_ids
         )
+
+    async def _stop(
+        self, reply: Message, generation: GenerationStream, pending: list[str], prompt: Prompt
+    ) -> None:
+        """Close a reply whose caller went away: wait (briefly) for the
+        engine's final event, which it sends within a token of the cancel, so
+        that the row keeps its token counts and timings. Text generated after
+        the cancel is not kept: the stored reply is what was streamed."""
+        finished: Finished | None = None
+        try:
+            async with asyncio.timeout(STOP_WAIT_SECONDS):
+                async for event in generation:
+                    if isinstance(event, Finished):
+                        finished = event
+                        break
+        except Exception:  # timed out, or the engine refused late: close without counts
+            finished = None
+        await self._close(reply, finished, status=Message.Status.STOPPED, pending=pending, prompt=prompt)
 
     async def _prepare(self) -> tuple[Prompt, GenerationStream]:
         """The prompt and the queued generation; raises what refuses the reply."""
