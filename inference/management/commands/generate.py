@@ -22,6 +22,18 @@ from inference.types import (
 )
 
 
+def sampling_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The sampling flags, as SamplingParams' keyword arguments."""
+    return {
+        "temperature": options["temperature"],
+        "top_p": options["top_p"],
+        "top_k": options["top_k"],
+        "repeat_penalty": options["repeat_penalty"],
+        "stop": tuple(options["stop"]),
+        "seed": options["seed"],
+    }
+
+
 class Command(BaseCommand):
     help = "Stream a reply to PROMPT from a configured model (the default model unless --model)."
 
@@ -55,15 +67,7 @@ class Command(BaseCommand):
             messages.append(ChatMessage("system", options["system"]))
         messages.append(ChatMessage("user", options["prompt"]))
         try:
-            params = SamplingParams(
-                temperature=options["temperature"],
-                top_p=options["top_p"],
-                top_k=options["top_k"],
-                repeat_penalty=options["repeat_penalty"],
-                max_tokens=options["max_tokens"],
-                stop=tuple(options["stop"]),
-                seed=options["seed"],
-            )
+            params = SamplingParams(max_tokens=options["max_tokens"], **sampling_options(options))
             engine = get_engine(options["model"])
             finished = asyncio.run(self._stream(engine, GenerationRequest(messages, params)))
         except InferenceError as exc:
@@ -97,14 +101,7 @@ class Command(BaseCommand):
             raise CommandError("--system and --model do not apply to a stored conversation (its settings do)")
         try:
             params = sampling_for(
-                conversation,
-                default_max_tokens=options["max_tokens"],
-                temperature=options["temperature"],
-                top_p=options["top_p"],
-                top_k=options["top_k"],
-                repeat_penalty=options["repeat_penalty"],
-                stop=tuple(options["stop"]),
-                seed=options["seed"],
+                conversation, default_max_tokens=options["max_tokens"], **sampling_options(options)
             )
         except InferenceError as exc:
             raise CommandError(str(exc)) from None
