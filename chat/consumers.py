@@ -103,7 +103,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         model_name = frames.model_name(frame)
         system_prompt = frames.optional_text(frame, "system_prompt", settings.CHATSITE_MAX_MESSAGE_CHARS)
         overrides = frames.sampling_overrides(frame)
-        self.ensure_idle()
+        await self.ensure_idle()
         conversation_id = frames.optional_uuid(frame, "conversation")
         conversation = None if conversation_id is None else await self.access(conversation_id)
         await self.count_request()
@@ -123,7 +123,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     async def on_regenerate(self, frame: dict[str, Any]) -> None:
         overrides = frames.sampling_overrides(frame)
         model_name = frames.model_name(frame)
-        self.ensure_idle()
+        await self.ensure_idle()
         conversation = await self.access(frames.required_uuid(frame, "conversation"))
         reply = await self.message_of(conversation, frames.required_uuid(frame, "message"))
         if reply.role != Message.Role.ASSISTANT or reply.parent_id is None:
@@ -136,7 +136,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         content = frames.message_text(frame, "content")
         overrides = frames.sampling_overrides(frame)
         model_name = frames.model_name(frame)
-        self.ensure_idle()
+        await self.ensure_idle()
         conversation = await self.access(frames.required_uuid(frame, "conversation"))
         message = await self.message_of(conversation, frames.required_uuid(frame, "message"))
         if message.role != Message.Role.USER:
@@ -147,7 +147,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         self.start_reply(conversation, edited, overrides, model_name=model_name)
 
     async def on_switch(self, frame: dict[str, Any]) -> None:
-        self.ensure_idle()
+        await self.ensure_idle()
         conversation = await self.access(frames.required_uuid(frame, "conversation"))
         message = await self.message_of(conversation, frames.required_uuid(frame, "message"))
         message.conversation = conversation
@@ -156,9 +156,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
 
     # -- checks --------------------------------------------------------------------
 
-    def ensure_idle(self) -> None:
-        if self.reply_task is not None and not self.reply_task.done():
+    async def ensure_idle(self) -> None:
+        """Refuse a new reply while one streams. A reply whose done frame was
+        sent is over for the client, even if its task is still recording the
+        tokens it used: wait for that instead of refusing."""
+        task = self.reply_task
+        if task is None or task.done():
+            return
+        if self.run is not None:
             raise FrameError("busy", "A reply is still being generated: stop it or wait for it to finish.")
+        with contextlib.suppress(Exception):
+            await task
 
     async def count_request(self) -> None:
         """Count a reply against this session's and address's budgets (after
@@ -255,6 +263,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
                         )
                     else:
                         ended = event
+                        self.run = None  # over for the client: a new frame may start the next reply
                         await self.send_frame(await done_frame(event))
         except Exception:
             logger.exception("reply in conversation %s failed", conversation.pk)
