@@ -1,39 +1,47 @@
-"""One engine per loaded model: it owns the ``llama_cpp.Llama`` and its thread.
+"""One engine per loaded model: it owns the llama.cpp context and its thread,
+and runs up to ``parallel`` requests at once by continuous batching.
 
 Threading contract
 ------------------
 * A llama.cpp context is not thread-safe. Each :class:`Engine` runs one worker
-  thread, and only that thread decodes, samples, touches the KV cache or frees
-  the model.
-* Requests wait their turn in a FIFO queue of ``queue_size`` places. When the
-  worker is busy and every place is taken, :meth:`Engine.stream` raises
-  :class:`EngineBusy` at once instead of letting the caller wait unbounded.
-  A request cancelled while it waits leaves the queue at once.
+  thread, and only that thread decodes, samples, touches the KV cache or the
+  RAM prompt cache, or frees the model.
+* The worker keeps up to ``parallel`` sequences in slots and advances them
+  together: each step is one ``llama_decode`` of one batch holding the next
+  token of every sequence that is generating, plus prompt chunks of sequences
+  being admitted, up to :data:`STEP_TOKENS` tokens. A long prompt is therefore
+  evaluated a chunk per step while the other streams keep flowing.
+* Requests beyond the slots wait their turn in a FIFO queue of ``queue_size``
+  places. When every slot and every place is taken, :meth:`Engine.stream`
+  raises :class:`EngineBusy` at once instead of letting the caller wait
+  unbounded. A request cancelled while it waits leaves the queue at once.
 * The weights load lazily, on the first request or the first token count, and
   always in the worker thread, so that one thread owns the model from load to
   free. (With an OpenMP build of llama.cpp, a model loaded in one thread and
-  decoded in another decodes about nine times slower on CPU, as bench/bench.py
-  showed; the Makefile builds without OpenMP.) Another thread that needs the
-  model puts a load request at the head of the queue and waits for it.
-  Tokenizing reads only the model's vocabulary, which llama.cpp never changes
-  after loading, so :meth:`count_prompt_tokens` may run on any thread once the
-  model is loaded.
+  decoded in another decodes about nine times slower on CPU; the Makefile
+  builds without OpenMP.) Another thread that needs the model puts a load
+  request at the head of the queue and waits for it. Tokenizing reads only the
+  model's vocabulary, which llama.cpp never changes after loading, so
+  :meth:`count_prompt_tokens` may run on any thread once the model is loaded.
 * Events travel from the worker to the caller's event loop through
   ``loop.call_soon_threadsafe``; nothing in this module blocks a loop.
-* A cancel is a ``threading.Event`` the worker reads between prompt chunks and
-  between tokens: an explicit :meth:`Generation.cancel`, the awaiting task
-  being cancelled, or the :class:`Generation` being closed or dropped all set
-  it, and the worker stops within one token and takes the next request.
+* A cancel is a ``threading.Event`` the worker reads before every step: an
+  explicit :meth:`Generation.cancel`, the awaiting task being cancelled, or
+  the :class:`Generation` being closed or dropped all set it. The sequence
+  then ends within one token and its slot is free for the next request; the
+  other sequences are not disturbed. A step carrying a cancelled request's
+  prompt chunk is aborted inside llama.cpp (``abort_callback``) and redone
+  without it.
+* ``deterministic=True`` runs one sequence at a time and evaluates prompts in
+  :data:`PREFILL_CHUNK`-token chunks at fixed positions, reusing only whole
+  chunks, so that a greedy reply never depends on what ran before (see
+  :meth:`Engine._reuse_deterministic`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import collections
-import ctypes
-import functools
-import importlib.metadata
 import logging
 import os
 import threading
@@ -43,6 +51,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from inference import metrics
+from inference.llama import (
+    Batch,
+    Context,
+    Model,
+    gpu_layers_for,
+    gpu_offload_supported,
+    llama_cpp_version,
+)
+from inference.prompt_cache import PromptCache
+from inference.sampling import SamplerChain, grammar_for_json_schema, json_object_grammar
+from inference.slots import Running, Slot
+from inference.stops import StopMatcher
 from inference.types import (
     ChatMessage,
     ContextLengthExceeded,
@@ -51,7 +71,6 @@ from inference.types import (
     FinishReason,
     GenerationRequest,
     InferenceError,
-    InvalidRequest,
     ModelUnavailable,
     StreamEvent,
     TextDelta,
@@ -60,43 +79,40 @@ from inference.types import (
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from llama_cpp import Llama
-    from llama_cpp.llama_grammar import LlamaGrammar
-
     from inference.specs import ModelSpec
+
+__all__ = [
+    "Engine",
+    "Generation",
+    "gpu_layers_for",
+    "gpu_offload_supported",
+    "grammar_for_json_schema",
+    "json_object_grammar",
+    "llama_cpp_version",
+]
 
 logger = logging.getLogger(__name__)
 
-# Prompt tokens evaluated in one batch, at fixed positions (see _prefill). The
-# cancel flag is read between chunks. On a 2-core CPU 64 to 128 tokens a batch
-# evaluate fastest (about 900 tokens/s for the bundled model, against 740 for
-# 512), and at most 63 cached tokens are evaluated again per request.
+# Deterministic mode: prompt tokens evaluated in one batch, at fixed positions.
+# On a 2-core CPU 64 to 128 tokens a batch evaluate fastest (about 900
+# tokens/s for the bundled model, against 740 for 512).
 PREFILL_CHUNK = 64
+# Tokens in one step of the batched engine (decode tokens and prompt chunks
+# together). 128 is the fastest prefill batch on 2 cores (see above), and a
+# step of 128 keeps the other streams' inter-token gap near 0.15 s while a
+# long prompt is admitted.
+STEP_TOKENS = 128
+# Sequences decoded together when neither the model nor the settings say:
+# batched decode on 2 CPU cores still gains up to 8 (llama-server: 310 against
+# 179 tokens/s with -np 8 and -np 1); on a GPU the KV cache of every slot is
+# reserved in video memory, so fewer.
+DEFAULT_PARALLEL_CPU = 8
+DEFAULT_PARALLEL_GPU = 4
+# A slot's tokens are saved to the RAM cache before being overwritten only
+# when there are enough of them to be worth restoring.
+MIN_SAVED_TOKENS = 32
 
 _CLOSE = object()
-
-
-def json_object_grammar() -> str:
-    """The GBNF grammar of any JSON object (OpenAI's ``json_object`` format)."""
-    from llama_cpp.llama_grammar import JSON_GBNF
-
-    return str(JSON_GBNF)
-
-
-def grammar_for_json_schema(schema: object) -> str:
-    """The GBNF grammar of a JSON schema, through llama.cpp's converter.
-
-    Raises :class:`InvalidRequest` for a schema it cannot convert (the
-    converter supports most of JSON Schema, not all of it).
-    """
-    import json
-
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    try:
-        return str(json_schema_to_gbnf(json.dumps(schema)))
-    except Exception as exc:  # the converter raises many kinds on schemas it does not support
-        raise InvalidRequest(f"the JSON schema cannot be turned into a grammar: {exc}") from None
 
 
 class _LoadRequest:
@@ -109,71 +125,6 @@ class _LoadRequest:
     def settle(self, error: InferenceError | None = None) -> None:
         self.error = error
         self.done.set()
-
-
-@functools.cache
-def llama_cpp_version() -> str:
-    try:
-        return importlib.metadata.version("llama-cpp-python")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-        return "not installed"
-
-
-@functools.cache
-def gpu_offload_supported() -> bool:
-    """Whether this llama-cpp-python build can put layers on a GPU."""
-    import llama_cpp
-
-    return bool(llama_cpp.llama_supports_gpu_offload())
-
-
-def gpu_layers_for(setting: int | str, *, offload_supported: bool) -> int:
-    """llama.cpp's ``n_gpu_layers`` for a model's ``gpu_layers`` setting:
-    every layer (-1) for "auto" on a GPU build, the number asked for otherwise,
-    and none on a build without GPU offload."""
-    if not offload_supported:
-        return 0
-    if setting == "auto":
-        return -1
-    assert isinstance(setting, int)
-    return setting
-
-
-class _Vocabulary:
-    """The parts of llama-cpp-python's model this module needs beyond its
-    public API, in one place: end-of-generation tokens and token pieces."""
-
-    def __init__(self, llama: Llama) -> None:
-        import llama_cpp
-
-        self._llama_cpp = llama_cpp
-        self._vocab = llama._model.vocab
-        self._buffer = ctypes.create_string_buffer(64)
-
-    def is_end_of_generation(self, token: int) -> bool:
-        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
-
-    def piece(self, token: int) -> bytes:
-        """The bytes of one token (special tokens render as nothing).
-
-        llama-cpp-python's own ``detokenize`` uses a 32-byte buffer and drops
-        longer pieces (runs of spaces in code, Markdown rules); this asks again
-        with the size llama.cpp says it needs.
-        """
-        size = self._llama_cpp.llama_token_to_piece(
-            self._vocab, token, self._buffer, len(self._buffer), 0, False
-        )
-        if size < 0:
-            self._buffer = ctypes.create_string_buffer(-size)
-            size = self._llama_cpp.llama_token_to_piece(
-                self._vocab, token, self._buffer, len(self._buffer), 0, False
-            )
-        return self._buffer.raw[:size]
-
-    def token_text(self, token: int) -> str:
-        if token == -1:
-            return ""
-        return str(self._llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace"))
 
 
 @dataclass(eq=False)  # jobs are compared by identity when taken out of the queue
@@ -219,7 +170,7 @@ class Generation:
         try:
             item = await self._job.events.get()
         except BaseException:
-            # The awaiting task was cancelled (a client went away): free the engine.
+            # The awaiting task was cancelled (a client went away): free the slot.
             self.cancel()
             raise
         if isinstance(item, InferenceError):
@@ -248,7 +199,8 @@ class Generation:
 
 
 class Engine:
-    """Serves generation requests for one model, one at a time, in FIFO order."""
+    """Serves generation requests for one model, up to ``parallel`` at once,
+    admitting them in FIFO order. Implements :class:`inference.client.EngineClient`."""
 
     def __init__(
         self,
@@ -262,38 +214,44 @@ class Engine:
     ) -> None:
         self.spec = spec
         self.queue_size = queue_size
-        # Continuous batching and the RAM prompt cache come with the batched
-        # engine; today every request runs alone, deterministically.
-        self.parallel = parallel or 1
         self.deterministic = deterministic
-        self.prompt_cache_bytes = prompt_cache_bytes
+        if deterministic:
+            self.parallel = 1
+        elif parallel or spec.parallel:
+            self.parallel = parallel or spec.parallel
+        else:
+            offload = gpu_layers_for(spec.gpu_layers, offload_supported=gpu_offload_supported()) != 0
+            self.parallel = DEFAULT_PARALLEL_GPU if offload else DEFAULT_PARALLEL_CPU
+        self.prompt_cache_bytes = 0 if deterministic else prompt_cache_bytes
         # The model's own setting, else the service's, else one per core.
         self.n_threads = spec.n_threads or n_threads or os.cpu_count() or 1
-        self._llama: Llama | None = None
-        self._vocabulary: _Vocabulary | None = None
+        self._model: Model | None = None
+        self._context: Context | None = None
+        self._batch: Batch | None = None
         self._formatter: Callable[..., Any] | None = None
         self._load_lock = threading.Lock()
         # An RLock (Condition's default): Generation.__del__ may run while this
         # thread already holds it.
         self._condition = threading.Condition()
         self._waiting: collections.deque[_Job | _LoadRequest | object] = collections.deque()
-        self._current: _Job | None = None
+        # Jobs the worker has taken (admitted or being admitted); guarded by
+        # _condition, read by the gauges and the queue-full check.
+        self._active: set[_Job] = set()
         self._closed = False
         self._thread: threading.Thread | None = None
         self.n_gpu_layers = 0
         self.model_path: str | None = None
         self.loaded_in_thread: str | None = None
-        # Leading prompt tokens whose KV cache entries came from whole prefill
-        # chunks; only these are reused (worker thread only).
-        self._whole_chunks_cached = 0
-        # The prompt (less its last token) the last complete prefill evaluated.
-        self._last_prefill: list[int] = []
+        # Worker thread only.
+        self._slots: list[Slot] = []
+        self._running: list[Running] = []
+        self._prompt_cache = PromptCache(self.prompt_cache_bytes, on_evict=self._count_eviction)
 
     # -- state, read by /health and the metrics ------------------------------
 
     @property
     def loaded(self) -> bool:
-        return self._llama is not None
+        return self._model is not None
 
     @property
     def gpu_offload(self) -> bool:
@@ -301,8 +259,8 @@ class Engine:
 
     @property
     def n_ctx(self) -> int:
-        llama = self._llama
-        return llama.n_ctx() if llama is not None else self.spec.context_size
+        """The context window of one request (each slot has all of it)."""
+        return self.spec.context_size
 
     @property
     def waiting(self) -> int:
@@ -310,8 +268,9 @@ class Engine:
             return sum(1 for job in self._waiting if isinstance(job, _Job))
 
     @property
-    def running(self) -> bool:
-        return self._current is not None
+    def running(self) -> int:
+        """Requests in slots now (0 when idle)."""
+        return len(self._active)
 
     @property
     def saturated(self) -> bool:
@@ -320,7 +279,7 @@ class Engine:
             return self._is_full()
 
     def _is_full(self) -> bool:
-        places = self.queue_size + (0 if self._current is not None else 1)
+        places = self.queue_size + max(0, self.parallel - len(self._active))
         return sum(1 for job in self._waiting if isinstance(job, _Job)) >= places
 
     # -- the async API ---------------------------------------------------------
@@ -329,7 +288,7 @@ class Engine:
         """Queue a request and return its event stream.
 
         Must be called from a running event loop. Raises :class:`EngineBusy`
-        at once when the queue is full.
+        at once when every slot and every place in the queue is taken.
         """
         loop = asyncio.get_running_loop()
         job = _Job(request=request, loop=loop, events=asyncio.Queue())
@@ -362,7 +321,7 @@ class Engine:
         """Cancel every request, stop the worker and free the model.
 
         The worker frees the model itself when it takes the close marker, so
-        the model is never freed under a running request.
+        the model is never freed under a running step.
         """
         with self._condition:
             if self._closed:
@@ -375,8 +334,8 @@ class Engine:
             self._waiting.clear()
             self._waiting.append(_CLOSE)
             self._condition.notify()
-            if self._current is not None:
-                self._current.cancelled.set()
+            for job in self._active:
+                job.cancelled.set()
             thread = self._thread
         for job in pending:
             self._finish(job, "cancelled")
@@ -413,29 +372,52 @@ class Engine:
             self._thread.start()
 
     def _serve_forever(self) -> None:
-        while True:
+        closing = False
+        while not closing:
+            admitted: list[_Job] = []
+            loads: list[_LoadRequest] = []
             with self._condition:
-                while not self._waiting:
+                while not self._waiting and not self._running:
                     self._condition.wait()
-                item = self._waiting.popleft()
-                if isinstance(item, _Job):
-                    self._current = item
+                while self._waiting:
+                    head = self._waiting[0]
+                    if head is _CLOSE:
+                        closing = True
+                        break
+                    if isinstance(head, _LoadRequest):
+                        loads.append(self._waiting.popleft())  # type: ignore[arg-type]
+                        continue
+                    if len(self._active) >= self.parallel:
+                        break
+                    job = self._waiting.popleft()
+                    assert isinstance(job, _Job)
+                    self._active.add(job)
                     metrics.requests_waiting.labels(self.spec.name).dec()
-            if item is _CLOSE:
+                    metrics.requests_running.labels(self.spec.name).inc()
+                    admitted.append(job)
+            for request in loads:
+                self._serve_load_request(request)
+            for job in admitted:
+                job.started_at = time.monotonic()
+                if closing:
+                    self._finish(job, "cancelled")
+                    continue
+                try:
+                    self._admit(job)
+                except Exception as exc:  # never let one request kill the worker
+                    logger.exception("engine %s failed to admit a request", self.spec.name)
+                    self._finish(job, "error", error=str(exc) or type(exc).__name__)
+            if closing:
                 break
-            if isinstance(item, _LoadRequest):
-                self._serve_load_request(item)
-                continue
-            assert isinstance(item, _Job)
-            item.started_at = time.monotonic()
-            metrics.requests_running.labels(self.spec.name).inc()
-            try:
-                self._serve(item)
-            except Exception as exc:  # never let one request kill the worker
-                logger.exception("engine %s failed on a request", self.spec.name)
-                self._finish(item, "error", error=str(exc) or type(exc).__name__)
-            finally:
-                self._release(item)
+            if self._running:
+                try:
+                    self._step()
+                except Exception as exc:  # never let one step kill the worker
+                    logger.exception("engine %s failed on a decode step", self.spec.name)
+                    for running in list(self._running):
+                        self._end(running, "error", error=str(exc) or type(exc).__name__)
+        for running in list(self._running):
+            self._end(running, "cancelled")
         self._free()
 
     def _serve_load_request(self, request: _LoadRequest) -> None:
@@ -449,151 +431,249 @@ class Engine:
         else:
             request.settle()
 
-    def _serve(self, job: _Job) -> None:
+    def _admit(self, job: _Job) -> None:
+        """Tokenize a request, check it, and start it in a slot (its cached
+        prefix reused); a request refused here gets its error as only event."""
         if job.cancelled.is_set():
             self._finish(job, "cancelled")
             return
         try:
-            llama = self._ensure_loaded()
+            model = self._ensure_loaded()
             if job.request.prompt is not None:
                 prompt = self._raw_prompt_tokens(job.request.prompt)
                 template_stops: tuple[str, ...] = ()
             else:
                 prompt, template_stops = self._prompt_tokens(job.request.messages)
-            if len(prompt) >= llama.n_ctx():
+            if len(prompt) >= self.n_ctx:
                 raise ContextLengthExceeded(
-                    prompt_tokens=len(prompt), limit=llama.n_ctx() - 1, model=self.spec.name
+                    prompt_tokens=len(prompt), limit=self.n_ctx - 1, model=self.spec.name
                 )
-            grammar = self._grammar(job.request.params.grammar)
+            sampler = SamplerChain(job.request.params, model.vocab)
         except InferenceError as exc:
             metrics.record_refused(model=self.spec.name, transport=job.request.transport, kind=exc.kind)
             self._release(job)
             self._emit(job, exc)
             return
         job.prompt_tokens = len(prompt)
-        if not self._prefill(llama, prompt, job.cancelled):
-            self._finish(job, "cancelled")
-            return
-        reason = self._decode(job, llama, prompt, template_stops, grammar)
-        self._finish(job, reason)
-
-    def _decode(
-        self,
-        job: _Job,
-        llama: Llama,
-        prompt: list[int],
-        template_stops: Sequence[str],
-        grammar: LlamaGrammar | None = None,
-    ) -> FinishReason:
-        """Sample the reply token by token, streaming its text; returns why it ended."""
-        assert self._vocabulary is not None
-        vocabulary = self._vocabulary
         params = job.request.params
-        llama.set_seed(params.seed if params.seed is not None else int.from_bytes(os.urandom(4)))
-        max_tokens = min(params.max_tokens, llama.n_ctx() - len(prompt))
-        stops = _StopMatcher((*params.stop, *template_stops))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        inter_token_latency = metrics.inter_token_latency.labels(self.spec.name)
-        last_token_at = 0.0
-        reason: FinishReason = "length"
-        tokens = llama.generate(
-            prompt,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            grammar=grammar,
+        slot = self._choose_slot(prompt)
+        running = Running(
+            job=job,
+            slot=slot,
+            prompt=prompt,
+            sampler=sampler,
+            stops=StopMatcher((*params.stop, *template_stops)),
+            max_tokens=min(params.max_tokens, self.n_ctx - len(prompt)),
+            feed=prompt[-1],
         )
-        try:
-            for token in tokens:
-                now = time.monotonic()
-                if job.first_token_at is None:
-                    job.first_token_at = now
-                if job.cancelled.is_set():
-                    reason = "cancelled"
-                    break
-                if vocabulary.is_end_of_generation(token):
-                    reason = "stop"
-                    break
-                job.completion_tokens += 1
-                if job.completion_tokens > 1:
-                    inter_token_latency.observe(now - last_token_at)
-                last_token_at = now
-                text, stopped = stops.feed(decoder.decode(vocabulary.piece(token)))
-                if text:
-                    self._emit(job, TextDelta(text))
-                if stopped:
-                    reason = "stop"
-                    break
-                if job.completion_tokens >= max_tokens:
-                    reason = "length"
-                    break
-        finally:
-            tokens.close()
-        if reason != "stop":
-            tail = stops.flush(decoder.decode(b"", final=True))
-            if tail:
-                self._emit(job, TextDelta(tail))
-        return reason
+        slot.running = running
+        slot.last_used = time.monotonic()
+        self._running.append(running)
 
-    def _prefill(self, llama: Llama, prompt: list[int], cancelled: threading.Event) -> bool:
-        """Evaluate all but the last prompt token, reusing the KV cache where
-        that cannot change the result; ``generate`` then decodes the last one.
+    # -- slots and the prompt cache ----------------------------------------------
 
-        llama.cpp's numbers for a position depend on the size of the batch it
-        was evaluated in, so reusing a cache filled by another prompt's batches
-        would make the same request answer differently depending on what ran
-        before it. Prompts are therefore evaluated in chunks of ``PREFILL_CHUNK``
-        tokens at fixed positions (0, C, 2C, ...), and only whole chunks are
-        reused: a position's values then never depend on the request's history,
-        and temperature 0 with a seed gives the same text every time. The one
-        exception: the very prompt evaluated last (a regenerated reply, a
-        repeated request) is reused whole, its last partial chunk included,
-        since it was computed in the same batches. Between chunks the cancel
-        flag is read. Returns False when cancelled; the chunks evaluated so far
-        stay cached.
+    def _choose_slot(self, prompt: list[int]) -> Slot:
+        """A free slot for ``prompt`` holding as much of its prefix as can be had.
+
+        The slot whose cached tokens share the longest prefix with the prompt
+        is taken (the least recently used when none does). A longer prefix in
+        the RAM cache is restored into it; a longer one held by another slot
+        (a system prompt shared by many conversations) is shared with it on the
+        KV cache. What the slot held is saved to the RAM cache first when the
+        request would discard most of it.
         """
-        chunk = max(1, min(PREFILL_CHUNK, self.spec.n_batch))
+        context = self._context
+        assert context is not None
         end = len(prompt) - 1
-        common = 0
-        for a, b in zip(llama.input_ids[: llama.n_tokens], prompt[:end], strict=False):
-            if a != b:
-                break
-            common += 1
-        if common == end and self._last_prefill == prompt[:end]:
-            reused = end
+        target = prompt[:end]
+        free = [slot for slot in self._slots if slot.running is None]
+        if self.deterministic:
+            slot = free[0]
+            reused = self._reuse_deterministic(slot, target)
+            self._record_reuse(len(prompt), reused, "slot")
+            return slot
+        scored = [(slot.shared_prefix(target), slot) for slot in free]
+        best_length, slot = max(scored, key=lambda pair: (pair[0], -pair[1].last_used))
+        if best_length < len(slot.tokens) // 2:
+            self._save_to_ram(slot)
+        source = "slot"
+        reused = best_length
+        donor_length, donor = max(
+            ((other.shared_prefix(target), other) for other in self._slots if other is not slot),
+            key=lambda pair: pair[0],
+            default=(0, slot),
+        )
+        cached, cached_length = self._prompt_cache.best(target) if self.prompt_cache_bytes else (None, 0)
+        if (
+            cached is not None
+            and cached_length > max(reused, donor_length)
+            and context.restore(slot.sequence, cached.state)
+        ):
+            slot.tokens = list(cached.tokens)
+            reused, source = cached_length, "ram"
+        elif donor_length > reused:
+            context.remove(slot.sequence, 0)
+            context.copy(donor.sequence, slot.sequence, 0, donor_length)
+            slot.tokens = donor.tokens[:donor_length]
+            reused = donor_length
+        context.remove(slot.sequence, reused)
+        del slot.tokens[reused:]
+        self._record_reuse(len(prompt), reused, source)
+        return slot
+
+    def _reuse_deterministic(self, slot: Slot, target: list[int]) -> int:
+        """Trim the slot to the tokens a deterministic request may reuse.
+
+        llama.cpp's numbers for a position depend on the batch it was
+        evaluated in, so prompts are evaluated in ``PREFILL_CHUNK`` chunks at
+        fixed positions (0, C, 2C, ...) and only whole chunks are reused: a
+        position's values then never depend on the request's history. The one
+        exception: the very prompt evaluated last (a regenerated reply, a
+        repeated request) is reused whole, since it was computed in the same
+        chunks.
+        """
+        assert self._context is not None
+        chunk = self._prefill_chunk()
+        common = slot.shared_prefix(target)
+        if common == len(target) and slot.last_prefill == target:
+            reused = common
         else:
-            reused = min(common, self._whole_chunks_cached) // chunk * chunk
-        self._last_prefill = []
-        llama.n_tokens = reused
-        self._whole_chunks_cached = min(reused // chunk * chunk, self._whole_chunks_cached)
-        metrics.prefix_cache_queries.labels(self.spec.name).inc(len(prompt))
+            reused = min(common, slot.whole_chunks) // chunk * chunk
+        slot.last_prefill = []
+        slot.whole_chunks = min(reused // chunk * chunk, slot.whole_chunks)
+        self._context.remove(slot.sequence, reused)
+        del slot.tokens[reused:]
+        return reused
+
+    def _save_to_ram(self, slot: Slot) -> None:
+        if not self.prompt_cache_bytes or len(slot.tokens) < MIN_SAVED_TOKENS:
+            return
+        assert self._context is not None
+        self._prompt_cache.put(slot.tokens, self._context.state_of(slot.sequence))
+        metrics.prompt_cache_bytes.labels(self.spec.name).set(self._prompt_cache.bytes)
+
+    def _count_eviction(self, _entry: object) -> None:
+        metrics.prompt_cache_evictions.labels(self.spec.name).inc()
+
+    def _record_reuse(self, prompt_tokens: int, reused: int, source: str) -> None:
+        metrics.prefix_cache_queries.labels(self.spec.name).inc(prompt_tokens)
         metrics.prefix_cache_hits.labels(self.spec.name).inc(reused)
-        for start in range(reused, end, chunk):
-            if cancelled.is_set():
-                return False
-            batch = prompt[start : min(start + chunk, end)]
-            llama.eval(batch)
-            if len(batch) == chunk:
-                self._whole_chunks_cached = start + chunk
-        if cancelled.is_set():
-            return False
-        self._last_prefill = prompt[:end]
-        return True
+        metrics.prompt_cache_tokens.labels(self.spec.name, source).inc(reused)
+
+    # -- one step ----------------------------------------------------------------
+
+    def _prefill_chunk(self) -> int:
+        return max(1, min(PREFILL_CHUNK, self.spec.n_batch))
+
+    def _step(self) -> None:
+        """One ``llama_decode``: the next token of every generating sequence,
+        then prompt chunks of sequences being admitted, oldest first."""
+        context, batch = self._context, self._batch
+        assert context is not None
+        assert batch is not None
+        for running in list(self._running):
+            if running.job.cancelled.is_set():
+                self._end(running, "cancelled")
+        if not self._running:
+            return
+        batch.clear()
+        decoding: list[tuple[Running, int]] = []
+        for running in self._running:
+            if not running.prefilling:
+                index = batch.add(running.feed, len(running.slot.tokens), running.slot.sequence, logits=True)
+                decoding.append((running, index))
+        budget = batch.capacity - batch.n_tokens
+        chunks: list[tuple[Running, list[int]]] = []
+        for running in self._running:
+            if budget <= 0:
+                break
+            if not running.prefilling:
+                continue
+            start = len(running.slot.tokens)
+            stop = min(running.prefill_end, start + budget)
+            if self.deterministic:
+                chunk = self._prefill_chunk()
+                stop = min(running.prefill_end, (start // chunk + 1) * chunk)
+            tokens = running.prompt[start:stop]
+            for offset, token in enumerate(tokens):
+                batch.add(token, start + offset, running.slot.sequence, logits=False)
+            chunks.append((running, tokens))
+            budget -= len(tokens)
+        if chunks:
+            owners = [running.job.cancelled for running, _ in chunks]
+            context.set_abort(lambda: any(cancelled.is_set() for cancelled in owners))
+        else:
+            context.set_abort(None)
+        status = context.decode(batch)
+        if status == 2:
+            return  # a prompt's owner cancelled: llama.cpp dropped the batch; redo it without them
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        metrics.decode_batch_size.labels(self.spec.name).observe(len(decoding))
+        for running, tokens in chunks:
+            slot = running.slot
+            start = len(slot.tokens)
+            slot.tokens.extend(tokens)
+            if self.deterministic and len(tokens) == self._prefill_chunk() and start % len(tokens) == 0:
+                slot.whole_chunks = start + len(tokens)
+            if self.deterministic and not running.prefilling:
+                slot.last_prefill = running.prompt[: running.prefill_end]
+        for running, index in decoding:
+            running.slot.tokens.append(running.feed)
+            token = running.sampler.sample(context.pointer, index)
+            self._take_token(running, token)
+
+    def _take_token(self, running: Running, token: int) -> None:
+        """Stream one sampled token's text, or end the sequence."""
+        model = self._model
+        assert model is not None
+        job = running.job
+        now = time.monotonic()
+        if job.first_token_at is None:
+            job.first_token_at = now
+        if job.cancelled.is_set():
+            self._end(running, "cancelled")
+            return
+        if model.is_end_of_generation(token):
+            self._end(running, "stop")
+            return
+        job.completion_tokens += 1
+        if job.completion_tokens > 1:
+            metrics.inter_token_latency.labels(self.spec.name).observe(now - running.last_token_at)
+        running.last_token_at = now
+        text, stopped = running.stops.feed(running.decoder.decode(model.piece(token)))
+        if text:
+            self._emit(job, TextDelta(text))
+        if stopped:
+            self._end(running, "stop")
+        elif job.completion_tokens >= running.max_tokens:
+            self._end(running, "length")
+        else:
+            running.feed = token
+
+    def _end(self, running: Running, reason: FinishReason, *, error: str | None = None) -> None:
+        """Take a sequence out of its slot (its tokens stay cached there) and
+        finish its request."""
+        self._running.remove(running)
+        running.slot.running = None
+        running.slot.last_used = time.monotonic()
+        running.sampler.free()
+        if reason not in ("stop", "error"):
+            tail = running.stops.flush(running.decoder.decode(b"", final=True))
+            if tail:
+                self._emit(running.job, TextDelta(tail))
+        self._finish(running.job, reason, error=error)
 
     def _release(self, job: _Job) -> None:
         """Mark the worker free of ``job``; idempotent.
 
         Called before a job's last event is sent, so that whoever receives it
-        sees the engine (and its gauges) already free.
+        sees the slot (and the gauges) already free.
         """
         with self._condition:
-            if self._current is not job:
+            if job not in self._active:
                 return
-            self._current = None
+            self._active.discard(job)
         metrics.requests_running.labels(self.spec.name).dec()
 
     # -- events ----------------------------------------------------------------
@@ -636,13 +716,15 @@ class Engine:
     # -- the model -------------------------------------------------------------
 
     def _prompt_tokens(self, messages: Sequence[ChatMessage]) -> tuple[list[int], tuple[str, ...]]:
-        llama = self._ensure_loaded()
+        from inference.types import InvalidRequest
+
+        model = self._ensure_loaded()
         assert self._formatter is not None
         try:
             formatted = self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
         except Exception as exc:  # a template may raise on a message order it refuses
             raise InvalidRequest(f"the model's chat template refused the messages: {exc}") from None
-        tokens = llama.tokenize(
+        tokens = model.tokenize(
             formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
         )
         stop = formatted.stop or ()
@@ -651,48 +733,28 @@ class Engine:
     def _raw_prompt_tokens(self, text: str) -> list[int]:
         """A text completion's prompt: the text as it is, after the model's
         beginning-of-text token, with special tokens read as plain text."""
-        llama = self._ensure_loaded()
-        return llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        model = self._ensure_loaded()
+        return model.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
-    def _grammar(self, text: str | None) -> LlamaGrammar | None:
-        """The compiled form of a request's grammar (worker thread only).
-
-        llama.cpp adds a grammar that fails to parse to the sampler chain as a
-        null pointer and crashes on the first token, so it is tried alone
-        first and refused as an invalid request.
-        """
-        if text is None:
-            return None
-        import llama_cpp
-        from llama_cpp.llama_grammar import LlamaGrammar
-
-        assert self._llama is not None
-        vocab = self._llama._model.vocab
-        probe = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
-        if not probe:
-            raise InvalidRequest("the grammar (or the JSON schema it was made from) cannot be used")
-        llama_cpp.llama_sampler_free(probe)
-        return LlamaGrammar.from_string(text, verbose=False)
-
-    def _ensure_loaded(self) -> Llama:
+    def _ensure_loaded(self) -> Model:
         """The loaded model, loading it in the worker thread if needed."""
-        llama = self._llama
-        if llama is not None:
-            return llama
+        model = self._model
+        if model is not None:
+            return model
         if threading.current_thread() is not self._thread:
             return self._load_in_worker()
         with self._load_lock:
             if self._closed:
                 raise ModelUnavailable(f"model {self.spec.name!r} is shutting down")
-            if self._llama is None:
+            if self._model is None:
                 try:
                     self._load()
                 finally:
                     self._settle_load_requests()
-            assert self._llama is not None
-            return self._llama
+            assert self._model is not None
+            return self._model
 
-    def _load_in_worker(self) -> Llama:
+    def _load_in_worker(self) -> Model:
         request = _LoadRequest()
         with self._condition:
             if self._closed:
@@ -704,16 +766,16 @@ class Engine:
         request.done.wait()
         if request.error is not None:
             raise request.error
-        llama = self._llama
-        if llama is None:  # closed between the load and now
+        model = self._model
+        if model is None:  # closed between the load and now
             raise ModelUnavailable(f"model {self.spec.name!r} is shutting down")
-        return llama
+        return model
 
     def _settle_load_requests(self) -> None:
         """After a load (or a failed one), answer every waiting load request:
         a request that loaded the model first must not leave them queued."""
         error = (
-            None if self._llama is not None else ModelUnavailable(f"model {self.spec.name!r} failed to load")
+            None if self._model is not None else ModelUnavailable(f"model {self.spec.name!r} failed to load")
         )
         with self._condition:
             requests = [item for item in self._waiting if isinstance(item, _LoadRequest)]
@@ -723,38 +785,47 @@ class Engine:
             request.settle(error)
 
     def _load(self) -> None:
-        from llama_cpp import Llama, llama_chat_format
+        from llama_cpp import llama_chat_format
 
         path = self.spec.source.resolve()
         n_gpu_layers = gpu_layers_for(self.spec.gpu_layers, offload_supported=gpu_offload_supported())
         started = time.monotonic()
         try:
-            llama = Llama(
-                model_path=str(path),
-                n_ctx=self.spec.context_size,
-                n_batch=self.spec.n_batch,
-                n_gpu_layers=n_gpu_layers,
-                n_threads=self.n_threads,
-                verbose=False,
-            )
+            model = Model(str(path), n_gpu_layers=n_gpu_layers)
         except Exception as exc:
             raise ModelUnavailable(f"could not load model {self.spec.name!r} from {path}: {exc}") from None
-        vocabulary = _Vocabulary(llama)
-        template = llama.metadata.get("tokenizer.chat_template")
+        try:
+            context = Context(
+                model,
+                n_ctx_per_sequence=self.spec.context_size,
+                n_sequences=self.parallel,
+                n_batch=max(self.spec.n_batch, STEP_TOKENS, self.parallel),
+                n_threads=self.n_threads,
+            )
+        except Exception as exc:
+            model.close()
+            raise ModelUnavailable(
+                f"could not create a context for model {self.spec.name!r}: {exc}"
+            ) from None
+        template = model.metadata.get("tokenizer.chat_template")
         if template:
             self._formatter = llama_chat_format.Jinja2ChatFormatter(
                 template=template,
-                eos_token=vocabulary.token_text(llama.token_eos()),
-                bos_token=vocabulary.token_text(llama.token_bos()),
+                eos_token=model.token_text(model.token_eos()),
+                bos_token=model.token_text(model.token_bos()),
             )
         else:
             logger.warning("model %s has no chat template in its GGUF; using ChatML", self.spec.name)
             self._formatter = llama_chat_format.format_chatml
+        self._context = context
+        self._batch = Batch(
+            max(STEP_TOKENS, self.parallel) if not self.deterministic else self._prefill_chunk()
+        )
+        self._slots = [Slot(sequence) for sequence in range(self.parallel)]
         self.n_gpu_layers = n_gpu_layers
         self.model_path = str(path)
         self.loaded_in_thread = threading.current_thread().name
-        self._vocabulary = vocabulary
-        self._llama = llama
+        self._model = model
         metrics.record_model_loaded(model=self.spec.name, gpu_offload=n_gpu_layers != 0, loaded=True)
         if n_gpu_layers:
             placement = f"{'all' if n_gpu_layers < 0 else n_gpu_layers} layers on the GPU"
@@ -763,53 +834,30 @@ class Engine:
         else:
             placement = "CPU only (this llama-cpp-python build has no GPU offload)"
         logger.info(
-            "loaded model %s from %s in %.1fs: %s, context %d, %d threads",
+            "loaded model %s from %s in %.1fs: %s, context %d per sequence, %d slots%s, %d threads",
             self.spec.name,
             path,
             time.monotonic() - started,
             placement,
-            llama.n_ctx(),
+            self.n_ctx,
+            self.parallel,
+            " (deterministic)" if self.deterministic else "",
             self.n_threads,
         )
 
     def _free(self) -> None:
         with self._load_lock:
-            llama, self._llama = self._llama, None
-            self._vocabulary = None
-        if llama is not None:
-            llama.close()
+            model, self._model = self._model, None
+            context, self._context = self._context, None
+            batch, self._batch = self._batch, None
+        if batch is not None:
+            batch.free()
+        if context is not None:
+            context.close()
+        if model is not None:
+            model.close()
             metrics.record_model_loaded(
                 model=self.spec.name, gpu_offload=self.n_gpu_layers != 0, loaded=False
             )
-
-
-class _StopMatcher:
-    """Finds stop strings in streamed text, holding back what might begin one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add text; return what is safe to emit and whether a stop was found."""
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = 0
-        for stop in self.stops:
-            for length in range(min(len(stop) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(stop[:length]):
-                    hold = length
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self, text: str) -> str:
-        out, self.pending = self.pending + text, ""
-        return out
+        self._prompt_cache = PromptCache(self.prompt_cache_bytes, on_evict=self._count_eviction)
+        metrics.prompt_cache_bytes.labels(self.spec.name).set(0)

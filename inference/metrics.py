@@ -47,6 +47,8 @@ TOKEN_COUNT_BUCKETS = (
     2_000, 5_000, 10_000, 20_000, 50_000, 100_000,
 )  # fmt: skip
 
+BATCH_SIZE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
 OUTCOMES = ("stop", "length", "cancelled", "error", "rejected")
 ERROR_KINDS = ("context_length", "busy", "rate_limited", "invalid_request", "engine")
 
@@ -100,23 +102,46 @@ errors = Counter(
 )
 prefix_cache_queries = Counter(
     "chatsite_prefix_cache_queries",
-    "Prompt tokens looked up in the KV cache of the previous request.",
+    "Prompt tokens looked up in the slots' KV cache and the RAM prompt cache.",
     ["model"],
 )
 prefix_cache_hits = Counter(
     "chatsite_prefix_cache_hits",
-    "Prompt tokens found in the KV cache and not evaluated again.",
+    "Prompt tokens found in either cache and not evaluated again.",
     ["model"],
+)
+prompt_cache_tokens = Counter(
+    "chatsite_prompt_cache_tokens",
+    "Prompt tokens not evaluated again, by where their KV state came from: "
+    "slot (a slot's KV cache) or ram (the RAM prompt cache).",
+    ["model", "source"],
+)
+prompt_cache_bytes = Gauge(
+    "chatsite_prompt_cache_bytes",
+    "Bytes of KV state held in the RAM prompt cache.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+prompt_cache_evictions = Counter(
+    "chatsite_prompt_cache_evictions",
+    "States evicted from the RAM prompt cache (least recently used first) to stay within its bound.",
+    ["model"],
+)
+decode_batch_size = Histogram(
+    "chatsite_decode_batch_size",
+    "Sequences that generated a token in one decode step of the batched engine.",
+    ["model"],
+    buckets=BATCH_SIZE_BUCKETS,
 )
 requests_running = Gauge(
     "chatsite_requests_running",
-    "Requests generating now.",
+    "Requests in the engine's slots now (prefilling or generating).",
     ["model"],
     multiprocess_mode="livesum",
 )
 requests_waiting = Gauge(
     "chatsite_requests_waiting",
-    "Requests waiting in a model's queue.",
+    "Requests waiting in a model's queue for a free slot.",
     ["model"],
     multiprocess_mode="livesum",
 )

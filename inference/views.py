@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -12,8 +13,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 from django_prometheus.exports import ExportToDjangoView
 
-from inference import registry
-from inference.engine import gpu_offload_supported, llama_cpp_version
+from inference import registry, workers
 
 
 def _model_states() -> list[dict[str, object]]:
@@ -40,16 +40,24 @@ async def health(request: HttpRequest) -> JsonResponse:
     """Liveness: answers at once, reading only in-memory state (never the
     engine's queue or the database), even while a generation runs."""
     # Both are cached after the first call, which imports llama_cpp: off the loop.
+    # Imported here: importing the engine loads llama.cpp, which `check` and
+    # `migrate` (they import the URLs) must not.
+    from inference.engine import gpu_offload_supported, llama_cpp_version
+
     offload = await asyncio.to_thread(gpu_offload_supported)
     version = await asyncio.to_thread(llama_cpp_version)
-    return JsonResponse(
-        {
-            "status": "ok",
-            "models": _model_states(),
-            "gpu_offload_supported": offload,
-            "llama_cpp_python": version,
-        }
-    )
+    body: dict[str, object] = {
+        "status": "ok",
+        "models": _model_states(),
+        "gpu_offload_supported": offload,
+        "llama_cpp_python": version,
+        "inference_mode": "workers" if registry.workers_mode() else "local",
+    }
+    if registry.workers_mode():
+        # The workers' own advertisements (in Redis, expiring): still no
+        # database and no engine queue.
+        body["workers"] = await asyncio.to_thread(workers.live_workers)
+    return JsonResponse(body)
 
 
 def _database_answers() -> bool:
@@ -71,10 +79,17 @@ async def ready(request: HttpRequest) -> JsonResponse:
     reasons = []
     if not await sync_to_async(_database_answers, thread_sensitive=False)():
         reasons.append("the database does not answer")
+    live: list[dict[str, Any]] | None = None
     try:
         spec = registry.get_spec()
         engine = registry.loaded_engines().get(spec.name)
-        if engine is None or not engine.loaded:
+        if spec.remote is not None:
+            pass  # a remote server: its health is its own; requests report its errors
+        elif registry.workers_mode():
+            live = await asyncio.to_thread(workers.live_workers)
+            if not any(spec.name in worker.get("models", {}) for worker in live):
+                reasons.append(f"no live inference worker serves the default model {spec.name!r}")
+        elif engine is None or not engine.loaded:
             available = await sync_to_async(spec.source.is_available_locally, thread_sensitive=False)()
             if not available:
                 reasons.append(f"the default model's file is missing ({spec.source.describe()})")
@@ -82,9 +97,10 @@ async def ready(request: HttpRequest) -> JsonResponse:
             reasons.append("the default model's queue is full")
     except Exception as exc:
         reasons.append(f"the model configuration is invalid: {exc}")
+    extra = {"workers": live} if live is not None else {}
     if reasons:
-        return JsonResponse({"status": "unavailable", "reasons": reasons}, status=503)
-    return JsonResponse({"status": "ready"})
+        return JsonResponse({"status": "unavailable", "reasons": reasons, **extra}, status=503)
+    return JsonResponse({"status": "ready", **extra})
 
 
 @require_GET

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 
 import pytest
 from prometheus_client import REGISTRY
@@ -11,11 +12,23 @@ from prometheus_client import REGISTRY
 from inference.engine import Engine, Generation
 from inference.types import Finished, ModelUnavailable, TextDelta
 from tests.conftest import collect, greedy, make_engine
+from tests.engine_helpers import deterministic
+
+
+@pytest.fixture(scope="module")
+def deterministic_engine() -> Iterator[Engine]:
+    engine = deterministic()
+    yield engine
+    engine.close()
+
 
 LONG = "Write a very long story about a dragon who learns to paint."
 
 
-async def test_it_stops_on_a_cancel_and_serves_the_next_request_normally(engine: Engine) -> None:
+async def test_it_stops_on_a_cancel_and_serves_the_next_request_normally(
+    deterministic_engine: Engine,
+) -> None:
+    engine = deterministic_engine
     reference, _ = await collect(engine, greedy("What is 2 + 2?", max_tokens=16))
     generation = engine.stream(greedy(LONG, max_tokens=2000))
     received = 0
@@ -59,7 +72,7 @@ async def test_it_cancels_during_prompt_evaluation() -> None:
 
 
 async def test_it_frees_the_place_of_a_request_cancelled_while_waiting() -> None:
-    engine = make_engine(queue_size=1)
+    engine = make_engine(queue_size=1, parallel=1)
     try:
         running = engine.stream(greedy(LONG, max_tokens=300))
         assert isinstance(await running.__anext__(), TextDelta)

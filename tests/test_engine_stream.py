@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import pytest
 
 from inference.engine import Engine, gpu_layers_for, gpu_offload_supported
 from inference.types import ContextLengthExceeded, EngineBusy, Finished, TextDelta
 from tests.conftest import collect, greedy, make_engine
+from tests.engine_helpers import deterministic
+
+
+@pytest.fixture(scope="module")
+def deterministic_engine() -> Iterator[Engine]:
+    engine = deterministic()
+    yield engine
+    engine.close()
 
 
 async def test_it_streams_real_tokens_with_counts_and_timings(engine: Engine) -> None:
@@ -29,7 +38,10 @@ async def test_it_streams_real_tokens_with_counts_and_timings(engine: Engine) ->
     assert 0 < final.time_to_first_token <= final.total_time
 
 
-async def test_it_gives_the_same_text_twice_with_a_seed_and_temperature_zero(engine: Engine) -> None:
+async def test_it_gives_the_same_text_twice_with_a_seed_and_temperature_zero(
+    deterministic_engine: Engine,
+) -> None:
+    engine = deterministic_engine
     request = greedy("Write a haiku about the sea.", max_tokens=40)
     first, _ = await collect(engine, request)
     await collect(engine, greedy("Something else entirely, to move the cache.", max_tokens=8))
@@ -72,14 +84,15 @@ async def test_it_streams_chinese_and_emoji_as_whole_characters(engine: Engine) 
 
 
 async def test_it_keeps_tokens_longer_than_32_bytes(engine: Engine) -> None:
-    from inference.engine import _Vocabulary
+    from inference.llama import Model
 
     await asyncio.to_thread(engine.load)
-    assert engine._llama is not None
-    vocabulary = _Vocabulary(engine._llama)
+    assert engine.model_path is not None
+    vocabulary = Model(engine.model_path, n_gpu_layers=0)
     text = "def f():\n" + " " * 40 + "return 1\n" + "-" * 64 + "\n"
-    tokens = engine._llama.tokenize(text.encode(), add_bos=False, special=False)
+    tokens = vocabulary.tokenize(text.encode(), add_bos=False, special=False)
     pieces = [vocabulary.piece(token) for token in tokens]
+    vocabulary.close()
     assert max(len(piece) for piece in pieces) > 32
     assert b"".join(pieces).decode() == text
 
@@ -103,7 +116,8 @@ async def test_it_accepts_a_prompt_one_token_short_of_the_context() -> None:
         small.close()
 
 
-async def test_it_serves_two_requests_sent_at_once_as_if_alone(engine: Engine) -> None:
+async def test_it_serves_two_requests_sent_at_once_as_if_alone(deterministic_engine: Engine) -> None:
+    engine = deterministic_engine
     first = greedy("Name three colours.", max_tokens=24)
     second = greedy("Name three animals.", max_tokens=24)
     alone = [await collect(engine, first), await collect(engine, second)]
@@ -141,7 +155,7 @@ async def test_it_ends_with_length_when_the_context_fills() -> None:
 
 
 async def test_it_refuses_one_more_request_when_the_queue_is_full() -> None:
-    busy = make_engine(queue_size=1)
+    busy = make_engine(queue_size=1, parallel=1)
     try:
         running = busy.stream(greedy("Write a long story about a dragon.", max_tokens=400))
         first = await running.__anext__()  # generating now, so the queue is empty

@@ -79,17 +79,22 @@ async def test_it_is_not_ready_while_the_default_models_queue_is_full(
     engine: Engine, async_client: AsyncClient
 ) -> None:
     assert engine is registry.get_engine()
-    running = engine.stream(greedy("Write a long story about a dragon.", max_tokens=300))
-    assert isinstance(await running.__anext__(), TextDelta)
+    # Every slot busy with a long reply, then every place in the queue taken.
+    running = [
+        engine.stream(greedy(f"Write a long story about dragon number {n}.", max_tokens=300))
+        for n in range(engine.parallel)
+    ]
+    for generation in running:
+        assert isinstance(await generation.__anext__(), TextDelta)
     waiting = [engine.stream(greedy(f"Question {n}?", max_tokens=4)) for n in range(engine.queue_size)]
     try:
         response = await async_client.get("/ready")
     finally:
-        for generation in [*waiting, running]:
+        for generation in [*waiting, *running]:
             generation.cancel()
     assert response.status_code == 503
     assert response.json()["reasons"] == ["the default model's queue is full"]
-    for generation in [*waiting, running]:
+    for generation in [*waiting, *running]:
         async for _ in generation:
             pass
     assert (await async_client.get("/ready")).status_code == 200

@@ -120,7 +120,7 @@ async def test_it_counts_a_cancelled_request(engine: Engine, async_client: Async
 
 
 async def test_it_counts_a_prompt_too_long_and_a_busy_rejection(async_client: AsyncClient) -> None:
-    small = make_engine(context_size=128, queue_size=0)
+    small = make_engine(context_size=128, queue_size=0, parallel=1)
     try:
         before = await scrape(async_client)
         with pytest.raises(ContextLengthExceeded):

@@ -1,0 +1,224 @@
+"""The llama.cpp glue: every call the engine makes into llama-cpp-python's
+low-level bindings, in one place.
+
+Threading: a :class:`Context` and the :class:`Batch` fed to it belong to the
+engine's worker thread; nothing here locks. :meth:`Model.tokenize` and the
+other vocabulary reads only read what llama.cpp never changes after loading,
+so they may run on any thread while the model is loaded.
+
+The high-level ``llama_cpp.Llama`` is not used for decoding: it owns one
+sequence and one sampler, where the batched engine needs one context with many
+sequences on a shared KV cache and a sampler chain per sequence.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.metadata
+from collections.abc import Callable
+from typing import Any
+
+import llama_cpp
+from llama_cpp import _internals, _logger
+
+# llama-cpp-python prints every llama.cpp log line (the context's settings, each
+# state restored) unless told otherwise; keep errors only, as Llama(verbose=False) did.
+_logger.set_verbose(False)
+
+
+@functools.cache
+def llama_cpp_version() -> str:
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        return "not installed"
+
+
+@functools.cache
+def gpu_offload_supported() -> bool:
+    """Whether this llama-cpp-python build can put layers on a GPU."""
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def gpu_layers_for(setting: int | str, *, offload_supported: bool) -> int:
+    """llama.cpp's ``n_gpu_layers`` for a model's ``gpu_layers`` setting:
+    every layer (-1) for "auto" on a GPU build, the number asked for otherwise,
+    and none on a build without GPU offload."""
+    if not offload_supported:
+        return 0
+    if setting == "auto":
+        return -1
+    assert isinstance(setting, int)
+    return setting
+
+
+class Model:
+    """Loaded weights and their vocabulary (tokenizer, token pieces, chat template)."""
+
+    def __init__(self, path: str, *, n_gpu_layers: int) -> None:
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
+        self._model = _internals.LlamaModel(path_model=path, params=params, verbose=False)
+        self.pointer = self._model.model
+        self.vocab = self._model.vocab
+        self._buffer = ctypes.create_string_buffer(64)
+        self.metadata: dict[str, str] = self._model.metadata()
+        self.n_ctx_train = int(self._model.n_ctx_train())
+
+    def tokenize(self, text: bytes, *, add_bos: bool, special: bool) -> list[int]:
+        return list(self._model.tokenize(text, add_bos, special))
+
+    def token_bos(self) -> int:
+        return int(self._model.token_bos())
+
+    def token_eos(self) -> int:
+        return int(self._model.token_eos())
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (special tokens render as nothing).
+
+        llama-cpp-python's own ``detokenize`` uses a 32-byte buffer and drops
+        longer pieces (runs of spaces in code, Markdown rules); this asks again
+        with the size llama.cpp says it needs. Worker thread only (one buffer).
+        """
+        size = llama_cpp.llama_token_to_piece(self.vocab, token, self._buffer, len(self._buffer), 0, False)
+        if size < 0:
+            self._buffer = ctypes.create_string_buffer(-size)
+            size = llama_cpp.llama_token_to_piece(
+                self.vocab, token, self._buffer, len(self._buffer), 0, False
+            )
+        return self._buffer.raw[:size]
+
+    def token_text(self, token: int) -> str:
+        if token == -1:
+            return ""
+        return str(llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        self._model.close()  # type: ignore[no-untyped-call]
+
+
+class Batch:
+    """A ``llama_batch`` the engine refills every step: one token per entry,
+    each of one sequence."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+
+    def add(self, token: int, position: int, sequence: int, *, logits: bool) -> int:
+        """Append one token; returns its index (where its logits will be)."""
+        i = self.n_tokens
+        assert i < self.capacity
+        batch = self._batch
+        batch.token[i] = token
+        batch.pos[i] = position
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = sequence
+        batch.logits[i] = logits
+        self.n_tokens = i + 1
+        return i
+
+    @property
+    def native(self) -> llama_cpp.llama_batch:
+        self._batch.n_tokens = self.n_tokens
+        batch: llama_cpp.llama_batch = self._batch
+        return batch
+
+    def free(self) -> None:
+        llama_cpp.llama_batch_free(self._batch)
+
+
+class Context:
+    """One llama.cpp context holding ``n_sequences`` sequences, each of up to
+    ``n_ctx_per_sequence`` positions, on one unified KV cache.
+
+    The cache is unified (one buffer for every sequence) because batches mix
+    one decode token per running sequence with a prompt chunk of another:
+    llama.cpp splits such a batch into one micro-batch on a unified cache but
+    into equal per-sequence splits otherwise, and a shared prefix (a system
+    prompt) is shared between sequences by reference instead of copied.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx_per_sequence: int,
+        n_sequences: int,
+        n_batch: int,
+        n_threads: int,
+    ) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx_per_sequence * n_sequences
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_sequences
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.kv_unified = True
+        params.no_perf = True
+        pointer = llama_cpp.llama_init_from_model(model.pointer, params)
+        if not pointer:
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        self.pointer = pointer
+        self.memory = llama_cpp.llama_get_memory(pointer)
+        self.n_ctx_per_sequence = n_ctx_per_sequence
+        self.n_sequences = n_sequences
+        self._abort: Any = None
+
+    def decode(self, batch: Batch) -> int:
+        """llama.cpp's status: 0 done, 1 no room in the KV cache, 2 aborted
+        (the batch's positions are then removed from the cache), < 0 error."""
+        return int(llama_cpp.llama_decode(self.pointer, batch.native))
+
+    def set_abort(self, check: Callable[[], bool] | None) -> None:
+        """Have llama.cpp call ``check`` between graph nodes and abort the
+        decode when it returns True; None removes it.
+
+        The callback takes the GIL hundreds of times per decode, so the engine
+        sets it only for batches that carry prompt chunks.
+        """
+        if check is None:
+            if self._abort is not None:
+                # A null function pointer: llama.cpp then checks nothing.
+                llama_cpp.llama_set_abort_callback(self.pointer, llama_cpp.ggml_abort_callback(), None)
+                self._abort = None
+            return
+        self._abort = llama_cpp.ggml_abort_callback(lambda _data: bool(check()))
+        llama_cpp.llama_set_abort_callback(self.pointer, self._abort, None)
+
+    def remove(self, sequence: int, start: int, end: int = -1) -> None:
+        """Drop a sequence's positions ``[start, end)`` (-1: to its end)."""
+        llama_cpp.llama_memory_seq_rm(self.memory, sequence, start, end)
+
+    def copy(self, source: int, target: int, start: int, end: int) -> None:
+        """Give ``target`` the positions ``[start, end)`` of ``source``: on a
+        unified cache the cells are shared, not copied."""
+        llama_cpp.llama_memory_seq_cp(self.memory, source, target, start, end)
+
+    def state_of(self, sequence: int) -> bytes:
+        """A sequence's KV state, to restore later with :meth:`restore`."""
+        size = llama_cpp.llama_state_seq_get_size(self.pointer, sequence)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.pointer, buffer, size, sequence)
+        return bytes(memoryview(buffer)[:written])
+
+    def restore(self, sequence: int, state: bytes) -> bool:
+        """Put a saved state into an (emptied) sequence; False if llama.cpp
+        refused it (no room in the cache)."""
+        self.remove(sequence, 0)
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        return bool(llama_cpp.llama_state_seq_set_data(self.pointer, buffer, len(state), sequence))
+
+    def close(self) -> None:
+        self.set_abort(None)
+        llama_cpp.llama_free(self.pointer)

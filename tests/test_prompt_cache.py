@@ -1,0 +1,90 @@
+"""The RAM prompt cache keeps conversations' KV states within its bound."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import REGISTRY
+
+from inference.prompt_cache import PromptCache, common_prefix_length
+from inference.types import ChatMessage, GenerationRequest, SamplingParams
+from tests.conftest import collect, greedy
+from tests.engine_helpers import batched
+
+
+def test_it_finds_the_longest_shared_prefix() -> None:
+    assert common_prefix_length([1, 2, 3, 4], [1, 2, 5]) == 2
+    assert common_prefix_length([], [1]) == 0
+    assert common_prefix_length(list(range(1000)), list(range(1000))) == 1000
+    cache = PromptCache(1000)
+    cache.put([1, 2, 3], b"a" * 10)
+    cache.put([1, 2, 9, 9], b"b" * 10)
+    entry, length = cache.best([1, 2, 9, 7])
+    assert entry is not None
+    assert (bytes(entry.state[:1]), length) == (b"b", 3)
+
+
+def test_it_never_exceeds_its_bound_and_evicts_the_least_recently_used() -> None:
+    evicted: list[int] = []
+    cache = PromptCache(100, on_evict=lambda entry: evicted.append(entry.tokens[0]))
+    for first in range(5):
+        assert cache.put([first, 1, 2], bytes(30))
+        assert cache.bytes <= 100
+    assert evicted == [0, 1]
+    cache.best([2, 1])  # 2 is used: 3 is now the least recently used
+    cache.put([9], bytes(30))
+    assert evicted == [0, 1, 3]
+    assert cache.bytes == 90
+    assert not cache.put([8], bytes(101))
+
+
+def test_it_drops_an_entry_that_a_longer_one_continues() -> None:
+    cache = PromptCache(1000)
+    cache.put([1, 2], bytes(10))
+    cache.put([1, 2, 3, 4], bytes(20))
+    assert len(cache) == 1
+    assert cache.bytes == 20
+
+
+def ram_tokens(model: str) -> float:
+    return (
+        REGISTRY.get_sample_value("chatsite_prompt_cache_tokens_total", {"model": model, "source": "ram"})
+        or 0.0
+    )
+
+
+HISTORY = (
+    "Here are my notes on rivers. " + "The river runs past the mill, under the bridge and into the sea. " * 40
+)
+
+
+async def test_it_restores_a_conversation_that_continues_as_if_evaluated_again() -> None:
+    engine = batched(parallel=1)
+    try:
+        request = greedy(HISTORY + "Summarise them.", max_tokens=24)
+        first, first_final = await collect(engine, request)
+        await collect(engine, greedy("Something else entirely, about the moon.", max_tokens=8))
+        before = ram_tokens(engine.spec.name)
+        again, _ = await collect(engine, request)
+        assert ram_tokens(engine.spec.name) - before == first_final.prompt_tokens - 1
+        assert again == first
+    finally:
+        engine.close()
+
+
+async def test_it_serves_a_follow_up_turn_from_the_cache_after_eight_other_conversations() -> None:
+    engine = batched(parallel=2)
+    try:
+        params = SamplingParams(temperature=0, seed=1, max_tokens=16)
+        turn = [ChatMessage("user", HISTORY + "Summarise them.")]
+        reply, first = await collect(engine, GenerationRequest(turn, params))
+        others = [greedy(f"Tell me one fact about the number {n}.", max_tokens=12) for n in range(8)]
+        await asyncio.gather(*(collect(engine, other) for other in others))
+        before = ram_tokens(engine.spec.name)
+        follow_up = [*turn, ChatMessage("assistant", reply), ChatMessage("user", "Shorter, please.")]
+        _, final = await collect(engine, GenerationRequest(follow_up, params))
+        assert final.reason in ("stop", "length")
+        # The whole first turn came from the RAM cache, not evaluated again.
+        assert ram_tokens(engine.spec.name) - before >= first.prompt_tokens
+    finally:
+        engine.close()
