@@ -1,0 +1,51 @@
+"""The engine side: ``engine.stream`` as the site calls it, timed where the
+site would see each ``TextDelta``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from bench.stream import Trace
+from bench.workload import Messages, Sampling
+
+if TYPE_CHECKING:
+    from inference.engine import Engine
+
+
+class EngineSide:
+    name = "engine"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.engine.load)
+
+    async def stream(self, messages: Messages, sampling: Sampling) -> Trace:
+        from inference.types import ChatMessage, Finished, GenerationRequest, SamplingParams, TextDelta
+
+        request = GenerationRequest(
+            [ChatMessage(m["role"], m["content"]) for m in messages],  # type: ignore[arg-type]
+            SamplingParams(
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                min_p=sampling.min_p,
+                repeat_penalty=sampling.repeat_penalty,
+                seed=sampling.seed,
+                max_tokens=sampling.max_tokens,
+            ),
+        )
+        trace = Trace(time.monotonic())
+        async for event in self.engine.stream(request):
+            if isinstance(event, TextDelta):
+                trace.token_times.append(time.monotonic())
+                trace.text += event.text
+            elif isinstance(event, Finished):
+                trace.tokens = event.completion_tokens
+        return trace
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.engine.close)
