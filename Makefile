@@ -33,7 +33,7 @@ LLAMA_WHEELS ?= $(HOME)/.cache/chatsite/llama-cpp-python/$(LLAMA_VERSION)-$(LLAM
 
 STAMPS := $(VENV)/.stamps
 
-.PHONY: install install-dev system-packages run test lint typecheck pytest migrate static clean bench llama-server
+.PHONY: install install-dev system-packages run test lint typecheck pytest pytest-scaleout compose-config migrate static clean bench llama-server
 
 install: $(STAMPS)/runtime-$(LLAMA_VARIANT)
 
@@ -66,11 +66,13 @@ $(STAMPS)/dev: requirements-dev.txt $(STAMPS)/runtime-$(LLAMA_VARIANT)
 
 # Servers and the browser the tests drive, from Debian's packages (never a
 # browser download): installed with apt-get when missing.
-TEST_PROGRAMS := chromium:chromium redis-server:redis-server
+# PostgreSQL's server is not on PATH in Debian: its package is checked by file.
+TEST_PROGRAMS := chromium:chromium redis-server:redis-server docker-compose:docker-compose
 system-packages:
 	@missing=""; for pair in $(TEST_PROGRAMS); do \
 		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
 	done; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 		echo "Installing Debian packages:$$missing"; \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -99,7 +101,25 @@ pytest: install-dev system-packages
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+# The core of the suite again, on PostgreSQL and the Redis channel layer and
+# cache (tests/servers.py starts both on free loopback ports, in temporary
+# directories). The live-process tests of scale-out (two Daphnes and two
+# workers on Redis) start their own servers and already ran in `pytest`.
+# Not yet here: tests/test_consumer_chat.py (on PostgreSQL the second test of
+# a run waits forever; see the report of issue 10) and tests/test_api_live.py
+# (its servers use their own SQLite file whatever the environment says).
+SCALEOUT_TESTS := tests/test_chat_services.py tests/test_chat_context.py tests/test_sessions_import.py \
+	tests/test_sessions_export.py
+pytest-scaleout: install-dev system-packages
+	$(BIN)/python -m tests.servers $(BIN)/python -m pytest -p tests.scaleout_plugin $(SCALEOUT_TESTS) $(PYTEST_ARGS)
+
+# docker-compose.yml and its Prometheus/Grafana files are valid (no Docker
+# engine runs here: `docker-compose config` only parses and resolves).
+compose-config: system-packages
+	CHATSITE_SECRET_KEY=check POSTGRES_PASSWORD=check GRAFANA_PASSWORD=check \
+		docker-compose -f docker-compose.yml config --quiet
+
+test: lint typecheck pytest pytest-scaleout compose-config
 
 # llama.cpp's own server, built from the sources of the pinned
 # llama-cpp-python's sdist with the same flags, once per machine; the

@@ -21,7 +21,10 @@ How a reply ends:
   within a token and what was generated is kept as ``stopped``;
 * an engine error, or a prompt that does not fit: ``error``, with the reason
   in ``Message.error``, so that the page can show why and offer to
-  regenerate.
+  regenerate;
+* the inference worker generating it died (:class:`inference.workers.WorkerLost`,
+  workers mode): ``interrupted``, with what was streamed and ``error_code``
+  ``worker_lost``.
 
 Errors found before anything is generated (the prompt does not fit, the queue
 is full, an unknown model, a bad parameter) are either stored as an ``error``
@@ -60,6 +63,7 @@ from inference.types import (
     TextDelta,
     Transport,
 )
+from inference.workers import WorkerLost
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +234,7 @@ class ReplyRun:
                             next_flush = loop.time() + self.flush_interval
                     else:
                         finished = event
-        except InferenceError as exc:  # refused by the engine before its first token
+        except InferenceError as exc:  # refused before the first token, or WorkerLost at any time
             error_code, error = exc.kind, str(exc)
         except BaseException:
             # Cancelled, closed early (GeneratorExit) or failed: keep what was
@@ -240,7 +244,10 @@ class ReplyRun:
             await asyncio.shield(self._stop(reply, generation, pending, prompt))
             raise
         if finished is None:
-            status = Message.Status.ERROR
+            # A dead inference worker cut the reply off: kept as interrupted,
+            # never generated again on its own.
+            lost = error_code == WorkerLost.kind
+            status = Message.Status.INTERRUPTED if lost else Message.Status.ERROR
             error_code, error = error_code or "engine", error or "the engine ended without a result"
         else:
             status = STATUS_FOR_REASON[finished.reason]

@@ -29,7 +29,13 @@ from chat.owners import session_owner_token
 from chat.selectors import MessageTree, message_tree
 
 # The statuses a finished reply may end with.
-FINAL_STATUSES = (Message.Status.COMPLETE, Message.Status.STOPPED, Message.Status.ERROR)
+# INTERRUPTED: the inference worker generating it died (inference.workers.WorkerLost).
+FINAL_STATUSES = (
+    Message.Status.COMPLETE,
+    Message.Status.STOPPED,
+    Message.Status.ERROR,
+    Message.Status.INTERRUPTED,
+)
 TITLE_MAX_LENGTH = Conversation._meta.get_field("title").max_length or 200
 # The longest reply a conversation's settings may ask for.
 MAX_TOKENS_LIMIT = 32_768

@@ -85,6 +85,31 @@ def get_int(key: str, default: int, *, minimum: int | None = None) -> int:
     return number
 
 
+def get_float(key: str, default: float, *, minimum: float | None = None) -> float:
+    found = _lookup(key)
+    if found is None:
+        return default
+    source, value = found
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{source} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{source} must be a number, got {value!r}") from None
+    if minimum is not None and not number >= minimum:
+        raise ConfigError(f"{source} must be at least {minimum:g}, got {number:g}")
+    return number
+
+
+def get_choice(key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = get_str(key, default)
+    if value not in choices:
+        source = _lookup(key)
+        where = source[0] if source else key
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 

@@ -24,6 +24,29 @@ SECRET_KEY = config.get_str("server.secret_key", "") or config.secret_key_from_f
     Path(config.get_str("server.secret_key_file", str(BASE_DIR / "var" / "secret_key")))
 )
 
+# "development" (the default: plain HTTP on one machine) or "production":
+# behind a TLS-terminating reverse proxy that sets X-Forwarded-Proto, with the
+# security settings below, so that `manage.py check --deploy` passes with no
+# warning. docs/deployment.md lists the headers the proxy must set.
+SERVER_PROFILE = config.get_choice("server.profile", "development", ("development", "production"))
+PRODUCTION = SERVER_PROFILE == "production"
+if PRODUCTION:
+    # The proxy terminates TLS and says so; Django then builds https URLs,
+    # marks cookies secure and redirects plain HTTP, except for the probes
+    # and the scrape that reach each process directly, inside the network.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = config.get_bool("server.ssl_redirect", True)
+    SECURE_REDIRECT_EXEMPT = [r"^health$", r"^ready$", r"^metrics$"]
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = config.get_int("server.hsts_seconds", 31_536_000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = config.get_bool("server.hsts_include_subdomains", True)
+    SECURE_HSTS_PRELOAD = config.get_bool("server.hsts_preload", True)
+    SECURE_REFERRER_POLICY = "same-origin"
+    X_FRAME_OPTIONS = "DENY"
+    if DEBUG:
+        raise config.ConfigError("server.debug must be false with server.profile = production")
+
 ALLOWED_HOSTS = config.get_list("server.allowed_hosts", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = config.get_list("server.csrf_trusted_origins", [])
 
@@ -111,7 +134,11 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # redis-py 8 reads with a 5 s socket timeout by default, the same as
+            # the 5 s a channels-redis receive blocks in BZPOPMIN: every idle
+            # receive then raised TimeoutError. Reads may take longer than the
+            # block; a dead Redis is still noticed within 15 s.
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}]},
         }
     }
 else:
@@ -122,6 +149,17 @@ else:
 # gpu_layers, ...}. Validated by inference.checks; parsed by inference.registry.
 CHATSITE_MODELS = config.get_table("models")
 CHATSITE_DEFAULT_MODEL = config.get_str("inference.default_model", "smollm2-135m")
+# Where the GGUF models run: "local" (in each serving process) or "workers"
+# (in `manage.py inference_worker` processes, reached over the Redis channel
+# layer; the front ends then load no model). Remote models (a `url`) are
+# reached directly in both modes.
+CHATSITE_INFERENCE_MODE = config.get_choice("inference.mode", "local", ("local", "workers"))
+# Workers mode: a worker that sends nothing about a job (text or a heartbeat,
+# every second) for this many seconds is taken for dead and its reply is
+# marked interrupted; a job no worker accepts within the accept timeout is
+# refused as busy (503 with Retry-After on the API).
+CHATSITE_WORKER_TIMEOUT = config.get_float("inference.worker_timeout", 5.0, minimum=1.0)
+CHATSITE_WORKER_ACCEPT_TIMEOUT = config.get_float("inference.worker_accept_timeout", 3.0, minimum=0.5)
 # How many requests may wait for a model while it generates for another.
 CHATSITE_QUEUE_SIZE = config.get_int("inference.queue_size", 8, minimum=0)
 # Threads llama.cpp uses for decoding; 0 means one per CPU core.

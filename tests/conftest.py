@@ -41,7 +41,7 @@ async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, Fini
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
     """The default model's engine, shared by the tests that only read from it."""
-    yield registry.get_engine()
+    yield registry.get_local_engine()
     registry.close_all()
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from inference.engine import Engine
+from inference.client import EngineClient
 from inference.registry import get_engine
 from inference.types import (
     ChatMessage,
@@ -129,7 +129,7 @@ class Command(BaseCommand):
                 f"completion_tokens={reply.completion_tokens} reply={reply.pk}"
             )
 
-    async def _stream(self, engine: Engine, request: GenerationRequest) -> Finished:
+    async def _stream(self, engine: EngineClient, request: GenerationRequest) -> Finished:
         async with engine.stream(request) as generation:
             async for event in generation:
                 if isinstance(event, TextDelta):

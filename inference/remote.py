@@ -1,0 +1,353 @@
+"""A model served by a remote OpenAI-compatible server (llama-server, vLLM,
+another chatsite's ``/v1``), behind the :class:`~inference.client.EngineClient`
+contract.
+
+Threads and loops: :meth:`RemoteClient.stream` runs on the caller's event loop
+and starts one task there (:meth:`RemoteStream._pump`) that sends the request
+with ``stream: true`` through its own HTTP client and turns the server's
+server-sent events into :class:`~inference.types.TextDelta` /
+:class:`~inference.types.Finished` events on a queue. Nothing blocks the loop
+and no thread is used: the HTTP client is asynchronous, and a client lives only
+as long as its stream (so no connection outlives the loop that opened it).
+
+How the server's failures reach the caller:
+
+* before the first token, as the :class:`~inference.types.InferenceError`
+  raised from the iteration: the connection refused or timed out and 5xx
+  answers are :class:`RemoteUnavailable` (the model is unavailable), 429 and
+  503 are :class:`~inference.types.EngineBusy`, other 4xx answers
+  :class:`~inference.types.InvalidRequest` with the server's message;
+* after it, as ``Finished(reason="error", error=...)`` with what was
+  generated kept: the stream stopped without its final event, or the server
+  sent nothing for ``read_timeout`` seconds.
+
+Cancelling (``cancel()``, leaving ``async with``, dropping the stream)
+cancels the task, which closes the upstream response (the server sees the
+connection go and stops generating); the stream then ends with
+``Finished(reason="cancelled")``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx2
+
+from inference import metrics
+from inference.specs import ModelSpec, RemoteBackend
+from inference.types import (
+    ChatMessage,
+    EngineBusy,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    InferenceError,
+    InvalidRequest,
+    ModelUnavailable,
+    StreamEvent,
+    TextDelta,
+)
+
+# How many characters a token stands for when the server cannot count them
+# for us: OpenAI-compatible servers have no standard tokenize endpoint, so the
+# prompt is trimmed to the context window with this conservative estimate
+# (English averages about four characters a token), plus each message's
+# template overhead.
+CHARS_PER_TOKEN = 3
+TOKENS_PER_MESSAGE = 8
+
+
+class RemoteUnavailable(ModelUnavailable):
+    """The remote server cannot be reached, timed out or failed (5xx)."""
+
+
+def _sampling_body(request: GenerationRequest, backend: RemoteBackend, model: str) -> dict[str, Any]:
+    params = request.params
+    body: dict[str, Any] = {
+        "model": backend.remote_model or model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_tokens": params.max_tokens,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        # llama-server's (and this service's) extensions; vLLM takes top_k and min_p.
+        "top_k": params.top_k,
+        "min_p": params.min_p,
+        "repeat_penalty": params.repeat_penalty,
+    }
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if params.grammar is not None:
+        body["grammar"] = params.grammar
+    if request.prompt is not None:
+        body["prompt"] = request.prompt
+    else:
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+    return body
+
+
+def _error_message(response_body: bytes) -> str:
+    try:
+        data = json.loads(response_body)
+    except ValueError:
+        return response_body.decode(errors="replace")[:300]
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message", error))
+    return str(error or data)[:300]
+
+
+class RemoteStream:
+    """One request to the remote server, as a :class:`GenerationStream`."""
+
+    def __init__(self, client: RemoteClient, request: GenerationRequest) -> None:
+        self._client = client
+        self._request = request
+        self._events: asyncio.Queue[StreamEvent | InferenceError] = asyncio.Queue()
+        self._done = False
+        self._started_at = time.monotonic()
+        self._ended = False  # the task put its last event
+        client._running += 1
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+        self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # Also runs when the task was cancelled before it started (its body,
+        # and so its own handlers, never ran).
+        self._client._running -= 1
+        if not self._ended:
+            self._finish(_Progress(started_at=self._started_at), "cancelled")
+
+    # -- the caller's side --------------------------------------------------------
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._events.get()
+        except BaseException:
+            self.cancel()
+            raise
+        if isinstance(item, InferenceError):
+            self._done = True
+            raise item
+        if isinstance(item, Finished):
+            self._done = True
+        return item
+
+    async def __aenter__(self) -> RemoteStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        # Dropped without being read to the end: stop the upstream request.
+        if not self._task.done():
+            self._task.get_loop().call_soon_threadsafe(self._task.cancel)
+
+    # -- the task ---------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        spec = self._client.spec
+        backend = self._client.backend
+        transport = self._request.transport
+        state = _Progress(started_at=self._started_at)
+        try:
+            await self._exchange(backend, spec.name, state)
+        except asyncio.CancelledError:
+            self._finish(state, "cancelled")
+        except InferenceError as exc:
+            if state.first_token_at is None:
+                metrics.record_refused(model=spec.name, transport=transport, kind=exc.kind)
+                self._ended = True
+                self._events.put_nowait(exc)
+            else:
+                self._finish(state, "error", error=str(exc))
+
+    async def _exchange(self, backend: RemoteBackend, model: str, state: _Progress) -> None:
+        endpoint = "/completions" if self._request.prompt is not None else "/chat/completions"
+        headers = {"Accept": "text/event-stream"}
+        if backend.api_key:
+            headers["Authorization"] = f"Bearer {backend.api_key}"
+        timeout = httpx2.Timeout(backend.read_timeout, connect=backend.connect_timeout)
+        where = f"the remote server of model {model!r} ({backend.url})"
+        try:
+            async with (
+                httpx2.AsyncClient(timeout=timeout) as http,
+                http.stream(
+                    "POST",
+                    backend.url + endpoint,
+                    json=_sampling_body(self._request, backend, model),
+                    headers=headers,
+                ) as response,
+            ):
+                if response.status_code != 200:
+                    raise _status_error(response.status_code, _error_message(await response.aread()), where)
+                async for line in response.aiter_lines():
+                    if self._consume(line, state):
+                        return
+        except httpx2.ConnectTimeout:
+            raise RemoteUnavailable(
+                f"{where} did not accept a connection within {timeout.connect} s"
+            ) from None
+        except httpx2.ConnectError as exc:
+            raise RemoteUnavailable(f"{where} refused the connection ({exc})") from None
+        except httpx2.ReadTimeout:
+            raise RemoteUnavailable(f"{where} sent nothing for {backend.read_timeout:g} s") from None
+        except httpx2.TransportError as exc:  # RemoteProtocolError, ReadError: the connection broke
+            raise RemoteUnavailable(f"{where} closed the stream before its end ({exc})") from None
+        raise RemoteUnavailable(f"{where} closed the stream before its end")
+
+    def _consume(self, line: str, state: _Progress) -> bool:
+        """Handle one line of the event stream; True once the stream ended."""
+        if not line.startswith("data:"):
+            return False
+        data = line[5:].strip()
+        if data == "[DONE]":
+            if state.finish_reason is None:
+                raise RemoteUnavailable("the remote server ended the stream without a finish reason")
+            self._finish(state, state.finish_reason)
+            return True
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise RemoteUnavailable(
+                f"the remote server sent an event that is not JSON: {data[:100]!r}"
+            ) from None
+        if isinstance(chunk.get("error"), dict):
+            raise RemoteUnavailable(f"the remote server failed: {_error_message(data.encode())}")
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            state.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            state.usage_completion = int(usage.get("completion_tokens") or 0)
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            text = delta.get("content") if "delta" in choice else choice.get("text")
+            if text:
+                if state.first_token_at is None:
+                    state.first_token_at = time.monotonic()
+                state.completion_tokens += 1
+                self._events.put_nowait(TextDelta(text))
+            reason = choice.get("finish_reason")
+            if reason:
+                state.finish_reason = "length" if reason == "length" else "stop"
+        return False
+
+    def _finish(self, state: _Progress, reason: FinishReason, *, error: str | None = None) -> None:
+        now = time.monotonic()
+        completion = state.usage_completion or state.completion_tokens
+        ttft = state.first_token_at - state.started_at if state.first_token_at is not None else None
+        finished = Finished(
+            reason=reason,
+            prompt_tokens=state.prompt_tokens,
+            completion_tokens=completion,
+            time_to_first_token=ttft,
+            total_time=now - state.started_at,
+            queue_time=0.0,
+            error=error,
+        )
+        metrics.record_finished(
+            model=self._client.spec.name,
+            transport=self._request.transport,
+            reason=reason,
+            prompt=state.prompt_tokens,
+            completion=completion,
+            queue_time=0.0,
+            time_to_first=ttft,
+            total_time=finished.total_time,
+            error_kind="upstream" if reason == "error" else None,
+        )
+        self._ended = True
+        self._events.put_nowait(finished)
+
+
+class _Progress:
+    """What a stream has seen so far (its task's state)."""
+
+    def __init__(self, *, started_at: float) -> None:
+        self.started_at = started_at
+        self.first_token_at: float | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0  # events with text: the count when no usage comes
+        self.usage_completion = 0
+        self.finish_reason: FinishReason | None = None
+
+
+def _status_error(status: int, message: str, where: str) -> InferenceError:
+    if status in (429, 503):
+        return EngineBusy(f"{where} is busy ({status}): {message}")
+    if 400 <= status < 500 and status not in (401, 403, 404):
+        return InvalidRequest(f"{where} refused the request ({status}): {message}")
+    return RemoteUnavailable(f"{where} answered {status}: {message}")
+
+
+class RemoteClient:
+    """The :class:`~inference.client.EngineClient` of a model that a remote
+    OpenAI-compatible server serves. Holds no connection between requests."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        if spec.remote is None:
+            raise ValueError(f"model {spec.name!r} has no url: it is not a remote model")
+        self.spec = spec
+        self.backend: RemoteBackend = spec.remote
+        self._running = 0
+
+    def stream(self, request: GenerationRequest) -> RemoteStream:
+        """Start the request on the running loop; raises :class:`EngineBusy`
+        when ``max_concurrency`` requests are already running."""
+        if self.saturated:
+            metrics.record_refused(model=self.spec.name, transport=request.transport, kind=EngineBusy.kind)
+            raise EngineBusy(
+                f"model {self.spec.name!r} already runs {self._running} requests on its remote server"
+            )
+        return RemoteStream(self, request)
+
+    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """An estimate that errs on the long side (see :data:`CHARS_PER_TOKEN`)."""
+        return sum(len(m.content) // CHARS_PER_TOKEN + TOKENS_PER_MESSAGE for m in messages)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.spec.context_size
+
+    @property
+    def loaded(self) -> bool:
+        return True
+
+    @property
+    def gpu_offload(self) -> bool:
+        return False
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return 0
+
+    @property
+    def saturated(self) -> bool:
+        limit = self.backend.max_concurrency
+        return bool(limit) and self._running >= limit
+
+    def close(self) -> None:
+        """Nothing to free: each stream closes its own connection."""

@@ -1,0 +1,206 @@
+"""Workers mode with real processes: two Daphne front ends that load no model,
+two ``manage.py inference_worker`` processes with the real model, and a real
+redis-server between them (channel layer and cache), all on 127.0.0.1.
+
+The processes are shared by the tests of this module; the test that kills a
+worker runs last."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from http.cookiejar import CookieJar
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+from tests.api_helpers import prepared_env
+from tests.processes import ROOT, daphne
+from tests.servers import redis_server
+
+SESSION_LIMIT = 3
+
+
+@dataclass
+class Cluster:
+    front_ends: list[str]
+    workers: list[subprocess.Popen[str]]
+    logs: list[Path]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("workers")
+    with ExitStack() as stack:
+        redis_url = stack.enter_context(redis_server())
+        env = prepared_env(
+            tmp,
+            CHATSITE_INFERENCE_MODE="workers",
+            CHATSITE_CHANNELS_REDIS_URL=f"{redis_url}/0",
+            CHATSITE_CACHE_URL=f"{redis_url}/1",
+            CHATSITE_INFERENCE_WORKER_TIMEOUT="3",
+            CHATSITE_INFERENCE_WORKER_ACCEPT_TIMEOUT="10",
+            CHATSITE_INFERENCE_N_THREADS="1",
+            CHATSITE_RATELIMIT_SESSION_REQUESTS_PER_MINUTE=str(SESSION_LIMIT),
+        )
+        workers, logs = [], []
+        for index in range(2):
+            log = tmp / f"worker-{index}.log"
+            process = subprocess.Popen(
+                [sys.executable, "manage.py", "inference_worker"],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=log.open("w"),
+                text=True,
+            )
+            stack.callback(stop, process)
+            workers.append(process)
+            logs.append(log)
+        front_ends = [stack.enter_context(daphne(env)) for _ in range(2)]
+        wait_for_workers(front_ends[0], 2)
+        yield Cluster(front_ends, workers, logs)
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def wait_for_workers(url: str, count: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=30) as response:
+                body: dict[str, Any] = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read())
+        if len(body.get("workers", [])) >= count:
+            return body
+        assert time.monotonic() < deadline, f"the workers did not advertise themselves: {body}"
+        time.sleep(0.5)
+
+
+def session_cookie(url: str) -> str:
+    jar = CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    opener.open(url + "/", timeout=30).read()
+    return "; ".join(f"{cookie.name}={cookie.value}" for cookie in jar)
+
+
+class Chat:
+    """One browser tab on one front end."""
+
+    def __init__(self, url: str, cookie: str | None = None) -> None:
+        self.url = url
+        self.cookie = cookie or session_cookie(url)
+        self.socket: Any = None
+
+    async def __aenter__(self) -> Chat:
+        self.socket = await websockets.connect(
+            self.url.replace("http://", "ws://") + "/ws/chat/",
+            additional_headers={"Cookie": self.cookie, "Origin": self.url},
+            max_size=None,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.socket.close()
+
+    async def send(self, content: str, max_tokens: int, conversation: str | None = None) -> None:
+        frame = {
+            "type": "send",
+            "conversation": conversation,
+            "content": content,
+            "settings": {"temperature": 0, "seed": 1234, "max_tokens": max_tokens},
+        }
+        await self.socket.send(json.dumps(frame))
+
+    async def until(self, kind: str) -> dict[str, Any]:
+        while True:
+            frame: dict[str, Any] = json.loads(await asyncio.wait_for(self.socket.recv(), 180))
+            if frame["type"] == kind or (frame["type"] == "error" and kind != "error"):
+                return frame
+
+
+def jobs_per_worker(cluster: Cluster) -> list[int]:
+    return [log.read_text().count("inference.workers: job ") for log in cluster.logs]
+
+
+async def test_it_completes_concurrent_chats_over_both_front_ends_and_both_workers(cluster: Cluster) -> None:
+    before = jobs_per_worker(cluster)
+
+    async def chat(url: str) -> dict[str, Any]:
+        async with Chat(url) as tab:
+            await tab.send("Name a colour.", 12)
+            return await tab.until("done")
+
+    done = await asyncio.gather(*(chat(cluster.front_ends[i % 2]) for i in range(8)))
+    assert [frame["status"] for frame in done] == ["complete"] * 8, str(
+        [(f["status"], f["stats"]["finish_reason"], f["stats"]["completion_tokens"]) for f in done]
+    )
+    after = jobs_per_worker(cluster)
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+async def test_it_stops_a_reply_generated_by_another_process(cluster: Cluster) -> None:
+    async with Chat(cluster.front_ends[1]) as tab:
+        await tab.send("Tell me a very long story about the sea.", 400)
+        started = await tab.until("started")
+        await tab.until("delta")
+        await tab.socket.send(json.dumps({"type": "stop", "conversation": started["conversation"]}))
+        done = await tab.until("done")
+    assert done["status"] == "stopped"
+    assert done["stats"]["completion_tokens"] < 400
+
+
+async def test_it_holds_a_sessions_rate_limit_across_both_front_ends(cluster: Cluster) -> None:
+    if time.time() % 60 > 45:  # the window is a wall-clock minute: start early in one
+        await asyncio.sleep(61 - time.time() % 60)
+    cookie = session_cookie(cluster.front_ends[0])
+    for index in range(SESSION_LIMIT):
+        async with Chat(cluster.front_ends[index % 2], cookie) as tab:
+            await tab.send("Hi.", 2)
+            assert (await tab.until("done"))["status"] == "complete"
+    async with Chat(cluster.front_ends[SESSION_LIMIT % 2], cookie) as tab:
+        await tab.send("Hi.", 2)
+        refused = await tab.until("error")
+    assert refused["code"] == "rate_limited"
+
+
+async def test_it_marks_the_replies_of_a_killed_worker_interrupted(cluster: Cluster) -> None:
+    tabs = [Chat(cluster.front_ends[i % 2]) for i in range(6)]
+    for tab in tabs:
+        await tab.__aenter__()
+    try:
+        for tab in tabs:
+            await tab.send("Write a long essay about mountains, rivers and forests.", 300)
+        for tab in tabs:
+            await tab.until("delta")
+        cluster.workers[0].send_signal(signal.SIGKILL)
+        done = await asyncio.gather(*(tab.until("done") for tab in tabs))
+    finally:
+        for tab in tabs:
+            await tab.__aexit__()
+    statuses = sorted(frame["status"] for frame in done)
+    assert "interrupted" in statuses, statuses
+    assert set(statuses) <= {"interrupted", "complete"}, statuses
+    assert "complete" in statuses, statuses
+    for frame in done:
+        if frame["status"] == "interrupted":
+            assert frame["error_code"] == "worker_lost"
+            assert "stopped answering" in frame["error"]
