@@ -34,7 +34,6 @@ from api.replies import (
 from api.selectors import access_api_conversation, api_conversations, api_shown_branch
 from api.sessions import delete_conversation, export_conversation, import_for_user
 from inference import registry
-from inference.engine import grammar_for_json_schema, json_object_grammar
 from inference.types import ChatMessage, InvalidRequest
 
 ERRORS = frozenset({400, 401, 404, 413, 429, 500, 503})
@@ -119,6 +118,10 @@ def _failure(reply: StartedReply) -> ApiError | None:
 
 
 def _grammar(body: schemas.ChatCompletionRequest) -> str | None:
+    # Imported here: the engine loads llama.cpp, which importing the URLs
+    # (manage.py check, migrate) must not.
+    from inference.engine import grammar_for_json_schema, json_object_grammar
+
     fmt = body.response_format
     if isinstance(fmt, schemas.ResponseFormatJsonObject):
         return json_object_grammar()

@@ -119,7 +119,7 @@ def test_it_explains_what_to_do_when_a_hub_model_cannot_be_fetched(monkeypatch: 
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ({}, "needs exactly one of path, bundled, hf_repo or url"),
+        ({}, "needs exactly one of path, bundled or hf_repo"),
         ({"path": "/a.gguf", "hf_repo": "x/y"}, "needs exactly one of"),
         ({"hf_repo": "x/y"}, "hf_file must be a non-empty string"),
         ({"path": "/a.gguf", "gpu_layers": "all"}, 'gpu_layers must be "auto"'),
