@@ -63,6 +63,7 @@ from inference.prompt_cache import PromptCache
 from inference.sampling import SamplerChain, grammar_for_json_schema, json_object_grammar
 from inference.slots import Running, Slot
 from inference.stops import StopMatcher
+from inference.streams import QueuedStream
 from inference.types import (
     ChatMessage,
     ContextLengthExceeded,
@@ -77,8 +78,6 @@ from inference.types import (
 )
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     from inference.specs import ModelSpec
 
 __all__ = [
@@ -142,7 +141,7 @@ class _Job:
     completion_tokens: int = 0
 
 
-class Generation:
+class Generation(QueuedStream):
     """The caller's side of one request: an async iterator of stream events.
 
     Iterate it (``async for event in engine.stream(request)``) to receive
@@ -153,44 +152,13 @@ class Generation:
     """
 
     def __init__(self, engine: Engine, job: _Job) -> None:
+        super().__init__(job.events)
         self._engine = engine
         self._job = job
-        self._done = False
 
     def cancel(self) -> None:
         """Stop the request; its stream then ends with ``cancelled``."""
         self._engine._cancel(self._job)
-
-    def __aiter__(self) -> Generation:
-        return self
-
-    async def __anext__(self) -> StreamEvent:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            item = await self._job.events.get()
-        except BaseException:
-            # The awaiting task was cancelled (a client went away): free the slot.
-            self.cancel()
-            raise
-        if isinstance(item, InferenceError):
-            self._done = True
-            raise item
-        if isinstance(item, Finished):
-            self._done = True
-        return item
-
-    async def __aenter__(self) -> Generation:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if not self._done:
-            self.cancel()
 
     def __del__(self) -> None:
         # A consumer that stops iterating and drops the stream cancels it.

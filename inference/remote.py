@@ -32,14 +32,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
-from types import TracebackType
+from collections.abc import Sequence
 from typing import Any
 
 import httpx2
 
 from inference import metrics
 from inference.specs import ModelSpec, RemoteBackend
+from inference.streams import QueuedStream
 from inference.types import (
     ChatMessage,
     EngineBusy,
@@ -49,7 +49,6 @@ from inference.types import (
     InferenceError,
     InvalidRequest,
     ModelUnavailable,
-    StreamEvent,
     TextDelta,
 )
 
@@ -106,14 +105,13 @@ def _error_message(response_body: bytes) -> str:
     return str(error or data)[:300]
 
 
-class RemoteStream:
+class RemoteStream(QueuedStream):
     """One request to the remote server, as a :class:`GenerationStream`."""
 
     def __init__(self, client: RemoteClient, request: GenerationRequest) -> None:
         self._client = client
         self._request = request
-        self._events: asyncio.Queue[StreamEvent | InferenceError] = asyncio.Queue()
-        self._done = False
+        super().__init__(asyncio.Queue())
         self._started_at = time.monotonic()
         self._ended = False  # the task put its last event
         client._running += 1
@@ -131,32 +129,6 @@ class RemoteStream:
 
     def cancel(self) -> None:
         self._task.cancel()
-
-    def __aiter__(self) -> AsyncIterator[StreamEvent]:
-        return self
-
-    async def __anext__(self) -> StreamEvent:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            item = await self._events.get()
-        except BaseException:
-            self.cancel()
-            raise
-        if isinstance(item, InferenceError):
-            self._done = True
-            raise item
-        if isinstance(item, Finished):
-            self._done = True
-        return item
-
-    async def __aenter__(self) -> RemoteStream:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.cancel()
 
     def __del__(self) -> None:
         # Dropped without being read to the end: stop the upstream request.

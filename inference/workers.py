@@ -58,14 +58,14 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from types import TracebackType
+from collections.abc import Sequence
 from typing import Any
 
 from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers, get_channel_layer
 from django.conf import settings
 
 from inference.specs import ModelSpec
+from inference.streams import QueuedStream
 from inference.types import (
     ChatMessage,
     EngineBusy,
@@ -149,7 +149,7 @@ def _error_from(message: dict[str, Any]) -> InferenceError:
 # -- the front end's side --------------------------------------------------------------
 
 
-class WorkerStream:
+class WorkerStream(QueuedStream):
     """One request sent to a worker, as a :class:`GenerationStream`.
 
     Runs on the event loop that called :meth:`WorkerClient.stream`; a task of
@@ -168,32 +168,6 @@ class WorkerStream:
 
     def cancel(self) -> None:
         self._cancelled.set()
-
-    def __aiter__(self) -> AsyncIterator[StreamEvent]:
-        return self
-
-    async def __anext__(self) -> StreamEvent:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            item = await self._events.get()
-        except BaseException:
-            self.cancel()
-            raise
-        if isinstance(item, InferenceError):
-            self._done = True
-            raise item
-        if isinstance(item, Finished):
-            self._done = True
-        return item
-
-    async def __aenter__(self) -> WorkerStream:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.cancel()
 
     def __del__(self) -> None:
         if not self._done and not self._task.done():
