@@ -111,6 +111,10 @@ def api_error_from(exc: Exception) -> ApiError:
     )
 
 
+# inference.workers.WorkerLost.kind (not imported: the API needs no worker code).
+WORKER_LOST = "worker_lost"
+
+
 def refusal_error(kind: str, message: str) -> ApiError:
     """The answer to a reply refused before it started, from the
     :class:`~inference.types.InferenceError` kind that refused it (the reply
@@ -127,6 +131,16 @@ def refusal_error(kind: str, message: str) -> ApiError:
         )
     if kind == InvalidRequest.kind:
         return ApiError(400, message, param=_param_of(message), code="invalid_value")
+    if kind == WORKER_LOST:
+        # The inference worker running the reply died: nothing about the
+        # request was wrong, and another worker may serve it when retried.
+        return ApiError(
+            503,
+            message,
+            type="server_error",
+            code="worker_lost",
+            headers={"Retry-After": str(BUSY_RETRY_AFTER)},
+        )
     return ApiError(500, message, type="server_error", code=kind)
 
 

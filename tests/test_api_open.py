@@ -38,3 +38,13 @@ def test_it_refuses_requests_without_a_key_when_one_is_required(client: Client) 
     assert refused.json()["error"]["code"] == "invalid_api_key"
     assert client.get("/sessions").status_code == 401
     assert not Conversation.objects.exists()
+
+
+def test_it_answers_a_lost_inference_worker_with_a_retryable_503() -> None:
+    from api.errors import api_error_from
+    from inference.workers import WorkerLost
+
+    error = api_error_from(WorkerLost("the worker running this reply stopped answering"))
+    assert error.status == 503
+    assert error.headers["Retry-After"]
+    assert error.body()["error"]["code"] == "worker_lost"
