@@ -16,11 +16,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.metadata
-from collections.abc import Callable
-from typing import Any
 
 import llama_cpp
 from llama_cpp import _internals, _logger
+
+# C's strlen(const char *) as llama.cpp's abort callback, bool (*)(void *):
+# see Context.set_abort_flag. Its size_t result of 0 or 1 reads as the bool.
+_STRLEN_AS_ABORT_CALLBACK = ctypes.cast(ctypes.CDLL(None).strlen, llama_cpp.ggml_abort_callback)
 
 # llama-cpp-python prints every llama.cpp log line (the context's settings, each
 # state restored) unless told otherwise; keep errors only, as Llama(verbose=False) did.
@@ -139,13 +141,15 @@ class Batch:
 
 class Context:
     """One llama.cpp context holding ``n_sequences`` sequences, each of up to
-    ``n_ctx_per_sequence`` positions, on one unified KV cache.
+    ``n_ctx_per_sequence`` positions, each in a KV stream of its own.
 
-    The cache is unified (one buffer for every sequence) because batches mix
-    one decode token per running sequence with a prompt chunk of another:
-    llama.cpp splits such a batch into one micro-batch on a unified cache but
-    into equal per-sequence splits otherwise, and a shared prefix (a system
-    prompt) is shared between sequences by reference instead of copied.
+    Separate streams (llama.cpp's default, and llama-server's) keep a
+    sequence's attention to its own cells: on one unified cache every token
+    attends over the cells of every sequence, so a single stream decoded beside
+    slots holding long cached conversations ran at a third of its speed (48
+    against 154 tokens/s). The price is that llama.cpp evaluates a batch in
+    micro-batches of consecutive sequence ids only, so the engine orders each
+    batch by sequence id and keeps its running sequences adjacent.
     """
 
     def __init__(
@@ -164,7 +168,7 @@ class Context:
         params.n_seq_max = n_sequences
         params.n_threads = n_threads
         params.n_threads_batch = n_threads
-        params.kv_unified = True
+        params.kv_unified = False
         params.no_perf = True
         pointer = llama_cpp.llama_init_from_model(model.pointer, params)
         if not pointer:
@@ -173,37 +177,46 @@ class Context:
         self.memory = llama_cpp.llama_get_memory(pointer)
         self.n_ctx_per_sequence = n_ctx_per_sequence
         self.n_sequences = n_sequences
-        self._abort: Any = None
+        # The abort flag: a NUL-terminated byte string that is empty until
+        # an abort is wanted (see set_abort_flag).
+        self._abort_flag = ctypes.create_string_buffer(2)
+        llama_cpp.llama_set_abort_callback(
+            pointer, _STRLEN_AS_ABORT_CALLBACK, ctypes.cast(self._abort_flag, ctypes.c_void_p)
+        )
 
     def decode(self, batch: Batch) -> int:
         """llama.cpp's status: 0 done, 1 no room in the KV cache, 2 aborted
         (the batch's positions are then removed from the cache), < 0 error."""
         return int(llama_cpp.llama_decode(self.pointer, batch.native))
 
-    def set_abort(self, check: Callable[[], bool] | None) -> None:
-        """Have llama.cpp call ``check`` between graph nodes and abort the
-        decode when it returns True; None removes it.
+    def set_abort_flag(self, abort: bool) -> None:
+        """Ask llama.cpp to abort the decode in progress (or the next one) at
+        its next graph node; any thread may call it. ``decode`` then returns 2.
 
-        The callback takes the GIL hundreds of times per decode, so the engine
-        sets it only for batches that carry prompt chunks.
+        llama.cpp calls its abort callback from its compute thread before every
+        graph node, hundreds of times a decode. A Python callback would take
+        the GIL each time and wait behind the event loop (it stretched 150 ms
+        prompt chunks to 500 ms), so the callback is C's ``strlen`` reading
+        this context's flag: an empty string is false, one byte is true.
         """
-        if check is None:
-            if self._abort is not None:
-                # A null function pointer: llama.cpp then checks nothing.
-                llama_cpp.llama_set_abort_callback(self.pointer, llama_cpp.ggml_abort_callback(), None)
-                self._abort = None
-            return
-        self._abort = llama_cpp.ggml_abort_callback(lambda _data: bool(check()))
-        llama_cpp.llama_set_abort_callback(self.pointer, self._abort, None)
+        self._abort_flag[0] = b"\x01" if abort else b"\x00"
 
     def remove(self, sequence: int, start: int, end: int = -1) -> None:
         """Drop a sequence's positions ``[start, end)`` (-1: to its end)."""
         llama_cpp.llama_memory_seq_rm(self.memory, sequence, start, end)
 
-    def copy(self, source: int, target: int, start: int, end: int) -> None:
-        """Give ``target`` the positions ``[start, end)`` of ``source``: on a
-        unified cache the cells are shared, not copied."""
-        llama_cpp.llama_memory_seq_cp(self.memory, source, target, start, end)
+    def copy(self, source: int, target: int, end: int) -> None:
+        """Give ``target`` the positions ``[0, end)`` of ``source``.
+
+        Between separate KV streams llama.cpp copies whole streams only (a
+        memory copy of the buffers, some milliseconds), so the whole of
+        ``source`` is copied and the rest trimmed.
+        """
+        llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+        # Copy now rather than at the next decode, so that the target's state
+        # may be read (saved to the RAM cache) before then.
+        llama_cpp.llama_kv_self_update(self.pointer)
+        self.remove(target, end)
 
     def state_of(self, sequence: int) -> bytes:
         """A sequence's KV state, to restore later with :meth:`restore`."""
@@ -220,5 +233,4 @@ class Context:
         return bool(llama_cpp.llama_state_seq_set_data(self.pointer, buffer, len(state), sequence))
 
     def close(self) -> None:
-        self.set_abort(None)
         llama_cpp.llama_free(self.pointer)

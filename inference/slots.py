@@ -58,6 +58,11 @@ class Running:
     )
     last_token_at: float = 0.0
     admitted_at: float = field(default_factory=time.monotonic)
+    # Set while the first ``shared`` tokens of the prompt are being evaluated
+    # by another sequence admitted with it (the same system prompt): this one
+    # waits, then copies them from that sequence's slot.
+    donor: Slot | None = None
+    shared: int = 0
 
     @property
     def prefill_end(self) -> int:
@@ -66,3 +71,8 @@ class Running:
     @property
     def prefilling(self) -> bool:
         return len(self.slot.tokens) < self.prefill_end
+
+    @property
+    def evaluating(self) -> bool:
+        """Prefilling its own prompt, not waiting for a donor."""
+        return self.prefilling and self.donor is None

@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 
 from inference.engine import Engine
 from inference.prompt_cache import common_prefix_length
-from inference.types import Finished, TextDelta
+from inference.types import ChatMessage, Finished, GenerationRequest, TextDelta
 from tests.conftest import collect, greedy
 from tests.engine_helpers import batched
 
@@ -98,3 +98,48 @@ async def test_it_cancels_one_of_four_without_disturbing_the_others(batched_engi
         # measured divergence came as early as the 15th character.
         assert text
         assert common_prefix_length(list(map(ord, text)), list(map(ord, expected))) >= min(5, len(expected))
+
+
+def slot_tokens(model: str) -> float:
+    return (
+        REGISTRY.get_sample_value("chatsite_prompt_cache_tokens_total", {"model": model, "source": "slot"})
+        or 0.0
+    )
+
+
+async def test_it_keeps_running_sequences_adjacent_and_copies_a_prefix_across() -> None:
+    # llama.cpp decodes a batch in one pass only over consecutive sequence ids:
+    # a follow-up turn whose conversation sits in a slot away from the running
+    # one runs beside it, its history copied from the old slot.
+    engine = batched(parallel=4)
+    try:
+        history = [
+            ChatMessage("user", "Notes: " + "The river runs past the mill and under the bridge. " * 15)
+        ]
+        reply, first = await collect(engine, GenerationRequest(history, greedy("", max_tokens=16).params))
+        await collect(engine, greedy("Something else: name a fruit.", max_tokens=4))
+        assert [bool(slot.tokens) for slot in engine._slots] == [True, True, False, False]
+        long_running = engine.stream(greedy("Write a very long story about a dragon.", max_tokens=400))
+        follow_up = GenerationRequest(
+            [*history, ChatMessage("assistant", reply), ChatMessage("user", "Shorter, please.")],
+            greedy("", max_tokens=16).params,
+        )
+        async with long_running:
+            await anext(long_running)  # it decodes in slot 2
+            running = {slot.sequence for slot in engine._slots if slot.running is not None}
+            assert running == {2}
+            before = slot_tokens(engine.spec.name)
+            beside, final = await collect(engine, follow_up)
+            assert final.reason in ("stop", "length")
+            assert slot_tokens(engine.spec.name) - before >= first.prompt_tokens
+            assert (
+                engine._slots[3].tokens[: first.prompt_tokens - 1]
+                == engine._slots[0].tokens[: first.prompt_tokens - 1]
+            )
+        alone, _ = await collect(engine, follow_up)
+        # The copied history reads as the original: the reply beside the
+        # long-running one opens as the reply alone does.
+        assert beside
+        assert common_prefix_length(list(map(ord, beside)), list(map(ord, alone))) >= min(5, len(alone))
+    finally:
+        engine.close()

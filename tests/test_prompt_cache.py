@@ -88,3 +88,27 @@ async def test_it_serves_a_follow_up_turn_from_the_cache_after_eight_other_conve
         assert ram_tokens(engine.spec.name) - before >= first.prompt_tokens
     finally:
         engine.close()
+
+
+async def test_it_moves_long_idle_conversations_to_ram_while_a_short_one_decodes() -> None:
+    # llama.cpp sizes every step's attention by its longest stream, so idle
+    # slots far longer than what runs are emptied into the RAM cache.
+    engine = batched(parallel=3)
+    try:
+        params = SamplingParams(temperature=0, seed=1, max_tokens=8)
+        turns = [[ChatMessage("user", f"{HISTORY} Summarise note {n}.")] for n in range(2)]
+        firsts = await asyncio.gather(*(collect(engine, GenerationRequest(turn, params)) for turn in turns))
+        await collect(
+            engine,
+            GenerationRequest([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi.")], params),
+        )
+        assert all(len(slot.tokens) < firsts[0][1].prompt_tokens for slot in engine._slots)
+        before = ram_tokens(engine.spec.name)
+        for turn, (reply, _first) in zip(turns, firsts, strict=True):
+            follow_up = [*turn, ChatMessage("assistant", reply), ChatMessage("user", "Shorter.")]
+            _, final = await collect(engine, GenerationRequest(follow_up, params))
+            assert final.reason in ("stop", "length")
+        # Both earlier conversations came back from RAM, none evaluated again.
+        assert ram_tokens(engine.spec.name) - before >= sum(first.prompt_tokens for _, first in firsts)
+    finally:
+        engine.close()
