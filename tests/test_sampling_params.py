@@ -45,3 +45,43 @@ def test_it_refuses_an_unknown_role_and_an_empty_request() -> None:
         GenerationRequest([])
     with pytest.raises(InvalidRequest, match="unknown transport"):
         GenerationRequest([ChatMessage("user", "hi")], transport="carrier-pigeon")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("repeat", "frequency", "presence"), [(1.1, 0.0, 0.0), (1.3, 0.5, 0.25), (0.9, -0.4, 1.5)]
+)
+def test_its_penalties_match_llama_cpps_bit_for_bit(repeat: float, frequency: float, presence: float) -> None:
+    # The engine applies the penalties itself, to the window's tokens only;
+    # the result must be exactly what llama.cpp's penalties sampler gives.
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    from inference.sampling import PENALTY_LAST_N, Penalties
+
+    vocab = 5000
+    generator = np.random.default_rng(7)
+    logits = (generator.standard_normal(vocab) * 4).astype(np.float32)
+    history = [int(t) for t in generator.integers(0, 300, size=PENALTY_LAST_N + 40)]
+    ours = Penalties(
+        SamplingParams(repeat_penalty=repeat, frequency_penalty=frequency, presence_penalty=presence)
+    )
+    theirs = llama_cpp.llama_sampler_init_penalties(PENALTY_LAST_N, repeat, frequency, presence)
+    try:
+        for token in history:
+            ours.accept(token)
+            llama_cpp.llama_sampler_accept(theirs, token)
+        data = (llama_cpp.llama_token_data * vocab)(
+            *(llama_cpp.llama_token_data(i, float(value), 0.0) for i, value in enumerate(logits))
+        )
+        candidates = llama_cpp.llama_token_data_array(data, vocab, -1, False)
+        llama_cpp.llama_sampler_apply(theirs, ctypes.byref(candidates))
+        expected = np.array([entry.logit for entry in data], dtype=np.float32)
+    finally:
+        llama_cpp.llama_sampler_free(theirs)
+    original = logits.copy()
+    ours.apply(logits)
+    assert np.array_equal(logits, expected)
+    assert np.count_nonzero(logits != original) == len(set(history[-PENALTY_LAST_N:]))
+    assert len(ours.counts) <= PENALTY_LAST_N
