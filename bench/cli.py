@@ -9,7 +9,10 @@ import collections
 import json
 import os
 import platform
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +32,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=0, help="engine slots (0: the engine's default)")
     parser.add_argument("--threads", type=int, default=0, help="threads (0: the engine's default)")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", ""))
+    parser.add_argument("--sides", default="engine,raw,llama-server")
+    parser.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="skip the peak-memory runs (each of the engine and raw in a process of its own)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -45,10 +55,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         spec, queue_size=32, n_threads=args.threads, parallel=args.parallel, prompt_cache_bytes=512 << 20
     )
     path = str(spec.source.resolve())
-    sides: list[Any] = [EngineSide(engine)]
-    raw = RawSide(path, n_ctx=spec.context_size, n_threads=engine.n_threads, n_batch=spec.n_batch)
-    sides.append(raw)
-    if args.llama_server:
+    wanted_sides = set(args.sides.split(","))
+    sides: list[Any] = []
+    if "engine" in wanted_sides:
+        sides.append(EngineSide(engine))
+    if "raw" in wanted_sides:
+        sides.append(RawSide(path, n_ctx=spec.context_size, n_threads=engine.n_threads, n_batch=spec.n_batch))
+    if "llama-server" in wanted_sides and args.llama_server:
         sides.append(
             ServerSide(
                 args.llama_server,
@@ -59,7 +72,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 n_batch=spec.n_batch,
             )
         )
-    else:
+    elif "llama-server" in wanted_sides:
         print("LLAMA_SERVER not set: llama-server side skipped (make llama-server)", file=sys.stderr)
     for side in sides:
         await side.start()
@@ -85,6 +98,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     for metric, value in values.items():
                         results[metric][side.name].append(value)
                     print(f"repeat {repeat} {name} {side.name}: {values}", file=sys.stderr)
+        for side in sides:
+            peak = side.peak_memory_bytes()
+            if peak is not None:
+                results["peak memory MiB"][side.name].append(peak / 2**20)
     finally:
         for side in sides:
             await side.stop()
@@ -97,14 +114,51 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "parallel": engine.parallel,
             "threads": engine.n_threads,
             "repeats": args.repeats,
+            "peak_rss_bytes": peak_rss_bytes(),
         },
         "results": {metric: dict(by_side) for metric, by_side in results.items()},
     }
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM, not ``ru_maxrss``: Linux
+    carries ``ru_maxrss`` over from the parent through fork and exec, so a
+    child of the bench would report the bench's own peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory_alone(side: str, args: argparse.Namespace) -> float:
+    """Peak resident memory (MiB) of a bench process running one side alone,
+    through every scenario that side takes part in, once."""
+    with tempfile.TemporaryDirectory() as directory:
+        output = Path(directory) / "report.json"
+        command = [
+            sys.executable, "-m", "bench",
+            "--sides", side,
+            "--repeats", "1",
+            "--scenarios", args.scenarios,
+            "--parallel", str(args.parallel),
+            "--threads", str(args.threads),
+            "--no-memory",
+            "--json", str(output),
+        ]  # fmt: skip
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        meta = json.loads(output.read_text())["meta"]
+    return float(meta["peak_rss_bytes"]) / 2**20
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     report = asyncio.run(run(args))
+    if args.memory:
+        for side in ("engine", "raw"):
+            if side in args.sides.split(","):
+                print(f"peak memory: {side} alone", file=sys.stderr)
+                report["results"].setdefault("peak memory MiB", {})[side] = [peak_memory_alone(side, args)]
     print(table(report["results"]))
     meta = report["meta"]
     print(

@@ -8,7 +8,9 @@ anything with ``async stream(messages, sampling) -> Trace``) and returns
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from bench.stats import percentile
@@ -19,7 +21,7 @@ from bench.workload import CONCURRENT, FOLLOW_UP, FRESH, SHORT, Messages, Sampli
 class Side(Protocol):
     name: str
 
-    async def stream(self, messages: Messages, sampling: Sampling) -> Trace: ...
+    async def stream(self, messages: Messages, sampling: Sampling, trace: Trace | None = None) -> Trace: ...
 
 
 def decode_rate(trace: Trace) -> float:
@@ -82,7 +84,47 @@ async def long_prompt_while_decoding(side: Side, long_tokens: int, tag: str) -> 
     return {
         "ITL p50 ms (4 decoding + long prompt)": percentile(gaps, 50),
         "ITL p95 ms (4 decoding + long prompt)": percentile(gaps, 95),
+        "ITL p99 ms (4 decoding + long prompt)": percentile(gaps, 99),
+        "ITL max ms (4 decoding + long prompt)": max(gaps, default=float("nan")),
         "long prompt TTFT ms (beside 4)": arrival.ttft * 1000,
+    }
+
+
+async def _cancel_when(
+    side: Side, messages: Messages, sampling: Sampling, ready: Callable[[Trace], bool]
+) -> float:
+    """Start a request, cancel it once ``ready(trace)``, and return the time
+    from the cancel to the first token of a one-line question sent then: how
+    soon the side is free again."""
+    trace = Trace(time.monotonic())
+    task = asyncio.ensure_future(side.stream(messages, sampling, trace))
+    while not ready(trace) and not task.done():  # noqa: ASYNC110 - polls what the side streamed
+        await asyncio.sleep(0.01)
+    task.cancel()
+    cancelled_at = time.monotonic()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    after = await side.stream(chat(f"{FRESH} (after a cancel {time.monotonic_ns()})"), Sampling(4))
+    return (after.token_times[0] - cancelled_at) if after.token_times else float("nan")
+
+
+async def cancel(side: Side, long_tokens: int, tag: str) -> dict[str, float]:
+    """Cancel a long prompt while it is evaluated, and a reply while it decodes."""
+    in_prefill = await _cancel_when(
+        side,
+        long_chat(long_tokens, f"{tag}-cancelled"),
+        Sampling(64),
+        lambda trace: time.monotonic() - trace.started > 0.5,
+    )
+    in_decode = await _cancel_when(
+        side,
+        chat(SHORT, system=f"You are a helpful assistant. ({tag}-cancelled)"),
+        Sampling(400),
+        lambda trace: len(trace.token_times) >= 16,
+    )
+    return {
+        "cancel during prefill: next TTFT ms": in_prefill * 1000,
+        "cancel during decode: next TTFT ms": in_decode * 1000,
     }
 
 
@@ -91,4 +133,5 @@ SCENARIOS = {
     "concurrent": concurrent,
     "follow_up": follow_up,
     "long_prompt": long_prompt_while_decoding,
+    "cancel": cancel,
 }

@@ -23,7 +23,7 @@ class EngineSide:
     async def start(self) -> None:
         await asyncio.to_thread(self.engine.load)
 
-    async def stream(self, messages: Messages, sampling: Sampling) -> Trace:
+    async def stream(self, messages: Messages, sampling: Sampling, trace: Trace | None = None) -> Trace:
         from inference.types import ChatMessage, Finished, GenerationRequest, SamplingParams, TextDelta
 
         request = GenerationRequest(
@@ -38,14 +38,18 @@ class EngineSide:
                 max_tokens=sampling.max_tokens,
             ),
         )
-        trace = Trace(time.monotonic())
-        async for event in self.engine.stream(request):
-            if isinstance(event, TextDelta):
-                trace.token_times.append(time.monotonic())
-                trace.text += event.text
-            elif isinstance(event, Finished):
-                trace.tokens = event.completion_tokens
+        trace = trace or Trace(time.monotonic())
+        async with self.engine.stream(request) as generation:
+            async for event in generation:
+                if isinstance(event, TextDelta):
+                    trace.token_times.append(time.monotonic())
+                    trace.text += event.text
+                elif isinstance(event, Finished):
+                    trace.tokens = event.completion_tokens
         return trace
+
+    def peak_memory_bytes(self) -> int | None:
+        return None  # shares the bench's process with the raw side: measured in a child (see cli)
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.engine.close)

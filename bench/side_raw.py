@@ -34,9 +34,8 @@ class RawSide:
 
         await asyncio.get_running_loop().run_in_executor(self._thread, load)
 
-    async def stream(self, messages: Messages, sampling: Sampling) -> Trace:
-        def run() -> Trace:
-            trace = Trace(time.monotonic())
+    async def stream(self, messages: Messages, sampling: Sampling, trace: Trace | None = None) -> Trace:
+        def run(trace: Trace) -> Trace:
             chunks = self._llama.create_chat_completion(
                 messages=messages,
                 stream=True,
@@ -56,7 +55,12 @@ class RawSide:
                     trace.text += content
             return trace
 
-        return await asyncio.get_running_loop().run_in_executor(self._thread, run)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, run, trace or Trace(time.monotonic())
+        )
+
+    def peak_memory_bytes(self) -> int | None:
+        return None  # shares the bench's process with the engine: measured in a child (see cli)
 
     async def stop(self) -> None:
         def free() -> None:

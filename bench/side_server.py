@@ -64,7 +64,7 @@ class ServerSide:
         writer.close()
         return int(data.split(b" ", 2)[1]), data
 
-    async def stream(self, messages: Messages, sampling: Sampling) -> Trace:
+    async def stream(self, messages: Messages, sampling: Sampling, trace: Trace | None = None) -> Trace:
         body = json.dumps(
             {
                 "messages": messages,
@@ -79,8 +79,17 @@ class ServerSide:
                 "cache_prompt": True,
             }
         ).encode()
-        trace = Trace(time.monotonic())
+        trace = trace or Trace(time.monotonic())
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            return await self._read(reader, writer, body, trace)
+        finally:
+            # A cancelled caller closes the connection: llama-server's way to cancel.
+            writer.close()
+
+    async def _read(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes, trace: Trace
+    ) -> Trace:
         writer.write(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
@@ -99,8 +108,17 @@ class ServerSide:
                 trace.token_times.append(time.monotonic())
                 trace.tokens += 1
                 trace.text += content
-        writer.close()
         return trace
+
+    def peak_memory_bytes(self) -> int | None:
+        """llama-server's peak resident memory (VmHWM), read while it runs."""
+        if self._process is None:
+            return None
+        with open(f"/proc/{self._process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return None
 
     async def stop(self) -> None:
         if self._process is not None:
