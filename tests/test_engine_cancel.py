@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
+import llama_cpp
 import pytest
 from prometheus_client import REGISTRY
 
@@ -67,6 +68,12 @@ async def test_it_cancels_during_prompt_evaluation() -> None:
         assert final.time_to_first_token is None
         assert final.completion_tokens == 0
         assert final.prompt_tokens > 1000
+        # What the engine believes each slot holds is what llama.cpp's KV cache
+        # holds: an aborted chunk left nothing behind on either side.
+        await collect(engine, greedy("And now something short.", max_tokens=2))
+        memory = engine._context.memory if engine._context else None
+        for slot in engine._slots:
+            assert llama_cpp.llama_memory_seq_pos_max(memory, slot.sequence) == len(slot.tokens) - 1
     finally:
         engine.close()
 

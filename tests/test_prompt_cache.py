@@ -112,3 +112,30 @@ async def test_it_moves_long_idle_conversations_to_ram_while_a_short_one_decodes
         assert ram_tokens(engine.spec.name) - before >= sum(first.prompt_tokens for _, first in firsts)
     finally:
         engine.close()
+
+
+def slot_tokens(model: str) -> float:
+    return (
+        REGISTRY.get_sample_value("chatsite_prompt_cache_tokens_total", {"model": model, "source": "slot"})
+        or 0.0
+    )
+
+
+async def test_requests_arriving_together_evaluate_their_shared_system_prompt_once() -> None:
+    engine = batched(parallel=4)
+    try:
+        await asyncio.to_thread(engine.load)
+        system = (
+            "You answer questions about rivers. " + "Keep to the facts about the mill and the bridge. " * 8
+        )
+        questions = ["Where is the mill?", "Where is the bridge?", "What is upstream?", "What is downstream?"]
+        system_tokens = engine.count_prompt_tokens([ChatMessage("system", system)])
+        before = slot_tokens(engine.spec.name)
+        replies = await asyncio.gather(
+            *(collect(engine, greedy(question, system=system, max_tokens=8)) for question in questions)
+        )
+        assert all(text and final.reason in ("stop", "length") for text, final in replies)
+        # The first evaluated the system prompt; the three others copied it.
+        assert slot_tokens(engine.spec.name) - before >= 3 * (system_tokens - 8)
+    finally:
+        engine.close()
