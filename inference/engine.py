@@ -676,7 +676,8 @@ class Engine:
             return  # a prompt's owner cancelled: llama.cpp dropped the batch; redo it without them
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
-        metrics.decode_batch_size.labels(self.spec.name).observe(len(decoding))
+        if decoding:
+            metrics.decode_batch_size.labels(self.spec.name).observe(len(decoding))
         for running in owners:
             slot = running.slot
             tokens = chunks[id(running)]

@@ -1,4 +1,5 @@
-"""The Grafana dashboard in docs/ refers only to metrics the service exports."""
+"""The Grafana dashboard in docs/ refers only to metrics the service exports,
+and to every LLM metric family."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 import re
 
 from django.test import Client
+from prometheus_client.metrics import MetricWrapperBase
 
+from inference import metrics
 from tests.metrics_helpers import Scrape
 from tests.processes import ROOT
 
@@ -34,12 +37,25 @@ def test_it_is_valid_json_and_uses_only_exported_metrics(client: Client) -> None
     }
 
     assert referenced <= exported, referenced - exported
-    histograms = {
+    # Every family inference/metrics.py defines has a panel, so a new one
+    # cannot be left off the dashboard.
+    defined = {
+        family.name
+        for metric in vars(metrics).values()
+        if isinstance(metric, MetricWrapperBase)
+        for family in metric.describe()
+    }
+    engine_families = {
         "chatsite_time_to_first_token_seconds",
         "chatsite_inter_token_latency_seconds",
         "chatsite_e2e_request_latency_seconds",
         "chatsite_request_queue_time_seconds",
         "chatsite_request_prompt_tokens",
         "chatsite_request_generation_tokens",
+        "chatsite_decode_batch_size",
+        "chatsite_prompt_cache_tokens",
+        "chatsite_prompt_cache_bytes",
+        "chatsite_prompt_cache_evictions",
     }
-    assert histograms <= referenced
+    assert engine_families <= defined, engine_families - defined
+    assert defined <= referenced, defined - referenced
