@@ -1,14 +1,18 @@
 """A live Daphne of this project for the API tests, with its own database.
 
-:func:`live_api` migrates a temporary SQLite file, creates named users and
-an API key for each through the management commands (as an operator would),
-and starts Daphne on it. Rate limits are off unless the test sets them.
+:func:`live_api` migrates a database of its own (a temporary SQLite file, or
+a new database on the PostgreSQL server the suite runs against, when it runs
+against one), creates named users and an API key for each through the
+management commands (as an operator would), and starts Daphne on it. Rate
+limits are off unless the test sets them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,9 +40,22 @@ class LiveApi:
         return manage("shell", "-c", code, env=self.env).stdout
 
 
+def own_database_url(tmp: Path) -> str:
+    """A new, empty database on the server the suite runs against."""
+    shared = os.environ.get("CHATSITE_DATABASE_URL", "")
+    if not shared.startswith(("postgres://", "postgresql://")):
+        return f"sqlite:///{tmp / 'db.sqlite3'}"
+    import psycopg
+
+    name = f"live_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(shared, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return shared.rsplit("/", 1)[0] + "/" + name
+
+
 def prepared_env(tmp: Path, **changes: str) -> dict[str, str]:
     env = child_env(
-        CHATSITE_DATABASE_URL=f"sqlite:///{tmp / 'db.sqlite3'}",
+        CHATSITE_DATABASE_URL=own_database_url(tmp),
         CHATSITE_SERVER_SECRET_KEY="api-tests",
         CHATSITE_CHAT_GENERATE_TITLES="false",
         **{**NO_LIMITS, **changes},
