@@ -32,7 +32,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--parallel", type=int, default=0, help="engine slots (0: the engine's default)")
     parser.add_argument("--threads", type=int, default=0, help="threads (0: the engine's default)")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", ""))
-    parser.add_argument("--sides", default="engine,raw,llama-server")
+    parser.add_argument(
+        "--sides",
+        default="engine,raw,llama-server,remote",
+        help="remote: the service's remote-backend client streaming from the bench's llama-server",
+    )
     parser.add_argument(
         "--no-memory",
         dest="memory",
@@ -46,6 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.side_engine import EngineSide
     from bench.side_raw import RawSide
+    from bench.side_remote import RemoteSide
     from bench.side_server import ServerSide
     from inference.engine import Engine
     from inference.specs import BUNDLED_DEFAULT_NAME, BUNDLED_DEFAULT_TABLE, ModelSpec
@@ -62,16 +67,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if "raw" in wanted_sides:
         sides.append(RawSide(path, n_ctx=spec.context_size, n_threads=engine.n_threads, n_batch=spec.n_batch))
     if "llama-server" in wanted_sides and args.llama_server:
-        sides.append(
-            ServerSide(
-                args.llama_server,
-                path,
-                n_ctx=spec.context_size,
-                parallel=engine.parallel,
-                n_threads=engine.n_threads,
-                n_batch=spec.n_batch,
-            )
+        server = ServerSide(
+            args.llama_server,
+            path,
+            n_ctx=spec.context_size,
+            parallel=engine.parallel,
+            n_threads=engine.n_threads,
+            n_batch=spec.n_batch,
         )
+        sides.append(server)
+        if "remote" in wanted_sides:
+            sides.append(RemoteSide(server, context_size=spec.context_size))
     elif "llama-server" in wanted_sides:
         print("LLAMA_SERVER not set: llama-server side skipped (make llama-server)", file=sys.stderr)
     for side in sides:

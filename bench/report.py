@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from bench.stats import Summary
 
-SIDES = ("raw", "engine", "llama-server")
+SIDES = ("raw", "engine", "llama-server", "remote")
 
 
 def fmt(value: float) -> str:
@@ -18,8 +18,8 @@ def fmt(value: float) -> str:
 def table(results: Mapping[str, Mapping[str, list[float]]]) -> str:
     """``results[metric][side]`` are samples; one row per metric."""
     lines = [
-        "| metric | " + " | ".join(SIDES) + " | engine / llama-server |",
-        "|---" * (len(SIDES) + 2) + "|",
+        "| metric | " + " | ".join(SIDES) + " | engine / llama-server | remote / llama-server |",
+        "|---" * (len(SIDES) + 3) + "|",
     ]
     for metric, by_side in results.items():
         cells = []
@@ -27,7 +27,10 @@ def table(results: Mapping[str, Mapping[str, list[float]]]) -> str:
         for side in SIDES:
             s = summaries[side]
             cells.append("-" if not s.samples else f"{fmt(s.median)} ({fmt(s.low)}..{fmt(s.high)})")
-        engine, server = summaries["engine"].median, summaries["llama-server"].median
-        ratio = engine / server if server == server and server else float("nan")
-        lines.append(f"| {metric} | " + " | ".join(cells) + f" | {fmt(ratio)} |")
+        server = summaries["llama-server"].median
+        ratios = [
+            summaries[side].median / server if server == server and server else float("nan")
+            for side in ("engine", "remote")
+        ]
+        lines.append(f"| {metric} | " + " | ".join(cells) + "".join(f" | {fmt(r)}" for r in ratios) + " |")
     return "\n".join(lines)

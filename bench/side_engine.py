@@ -11,17 +11,20 @@ from bench.stream import Trace
 from bench.workload import Messages, Sampling
 
 if TYPE_CHECKING:
+    from inference.client import EngineClient
     from inference.engine import Engine
 
 
 class EngineSide:
     name = "engine"
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine | EngineClient) -> None:
         self.engine = engine
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.engine.load)
+        load = getattr(self.engine, "load", None)  # an in-process engine loads its weights now
+        if load is not None:
+            await asyncio.to_thread(load)
 
     async def stream(self, messages: Messages, sampling: Sampling, trace: Trace | None = None) -> Trace:
         from inference.types import ChatMessage, Finished, GenerationRequest, SamplingParams, TextDelta
