@@ -139,3 +139,27 @@ async def test_requests_arriving_together_evaluate_their_shared_system_prompt_on
         assert slot_tokens(engine.spec.name) - before >= 3 * (system_tokens - 8)
     finally:
         engine.close()
+
+
+async def test_a_request_waiting_for_a_shared_prompt_goes_on_when_its_donor_is_cancelled() -> None:
+    engine = batched(parallel=2)
+    try:
+        await asyncio.to_thread(engine.load)
+        system = (
+            "You answer questions about rivers. " + "Keep to the facts about the mill and the bridge. " * 30
+        )
+        first = engine.stream(greedy("Where is the mill?", system=system, max_tokens=8))
+        second = asyncio.ensure_future(
+            collect(engine, greedy("Where is the bridge?", system=system, max_tokens=8))
+        )
+        while engine.running < 2:  # noqa: ASYNC110 - polls the worker thread, which has no asyncio.Event
+            await asyncio.sleep(0.001)
+        first.cancel()
+        events = [event async for event in first]
+        assert events[-1].reason == "cancelled"  # type: ignore[union-attr]
+        text, final = await second
+        assert final.reason in ("stop", "length")
+        alone, _ = await collect(engine, greedy("Where is the bridge?", system=system, max_tokens=8))
+        assert common_prefix_length(list(map(ord, text)), list(map(ord, alone))) >= min(5, len(alone))
+    finally:
+        engine.close()
