@@ -12,6 +12,7 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 from django_prometheus.exports import ExportToDjangoView
+from prometheus_client import CollectorRegistry, generate_latest
 
 from inference import registry, workers
 
@@ -103,8 +104,23 @@ async def ready(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ready", **extra})
 
 
+def _exposition(request: HttpRequest) -> HttpResponse:
+    """django-prometheus's exposition and, on a front end in workers mode, the
+    live workers (blocking: the multiprocess files and a Redis round trip)."""
+    exposition: HttpResponse = ExportToDjangoView(request)
+    if registry.workers_mode():
+        # A registry of its own: in multiprocess mode django-prometheus
+        # exports a fresh one holding only the multiprocess collector, and the
+        # default one is also a worker's (--metrics-port), which must not
+        # report this family.
+        workers_registry = CollectorRegistry()
+        workers_registry.register(workers.WorkersCollector())
+        exposition.write(generate_latest(workers_registry))
+    return exposition
+
+
 @require_GET
-def metrics(request: HttpRequest) -> HttpResponse:
+async def metrics(request: HttpRequest) -> HttpResponse:
     """Prometheus exposition, behind a bearer token when one is configured."""
     token = settings.CHATSITE_METRICS_TOKEN
     if token:
@@ -113,5 +129,6 @@ def metrics(request: HttpRequest) -> HttpResponse:
             response = HttpResponse("metrics need a bearer token\n", status=401, content_type="text/plain")
             response["WWW-Authenticate"] = 'Bearer realm="metrics"'
             return response
-    exposition: HttpResponse = ExportToDjangoView(request)
-    return exposition
+    # A thread of its own: a sync view would run in the thread that serves
+    # every database call of the process, which a slow Redis would hold.
+    return await asyncio.to_thread(_exposition, request)

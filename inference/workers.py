@@ -44,7 +44,8 @@ Deadlines, and what happens on death:
 
 Worker processes advertise themselves (their models, running and waiting
 requests) in Redis keys that expire after :data:`DIRECTORY_TTL` seconds;
-:func:`live_workers` reads them for ``/ready``, ``/health`` and the metrics.
+:func:`live_workers` reads them for ``/ready`` and ``/health``, and
+:class:`WorkersCollector` for the front ends' ``/metrics``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from typing import Any
 
 from channels.layers import DEFAULT_CHANNEL_LAYER, channel_layers, get_channel_layer
 from django.conf import settings
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from inference.specs import ModelSpec
 from inference.streams import QueuedStream
@@ -376,11 +378,12 @@ def _redis() -> Any:
     return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
 
 
-def live_workers() -> list[dict[str, Any]]:
+def read_workers() -> list[dict[str, Any]] | None:
     """The workers that advertised themselves within :data:`DIRECTORY_TTL`
-    seconds (blocking: a Redis round trip). Empty when Redis cannot be read."""
+    seconds (blocking: a Redis round trip); None when Redis cannot be read
+    (or none is configured), which is not the same as no live worker."""
     if not settings.REDIS_URL:
-        return []
+        return None
     try:
         client = _redis()
         try:
@@ -390,8 +393,55 @@ def live_workers() -> list[dict[str, Any]]:
             client.close()
     except Exception as exc:
         logger.warning("cannot read the inference workers from Redis: %s", exc)
-        return []
+        return None
     return [json.loads(value) for value in values if value]
+
+
+def live_workers() -> list[dict[str, Any]]:
+    """:func:`read_workers`, empty when Redis cannot be read."""
+    return read_workers() or []
+
+
+WORKERS_FAMILY = "chatsite_inference_workers"
+
+
+class WorkersCollector:
+    """The ``chatsite_inference_workers{model}`` gauge: how many live workers
+    serve each model, read from the directory at each collect (blocking: a
+    Redis round trip).
+
+    Only front ends report it, through a registry of their own (the
+    ``/metrics`` view): registered on prometheus-client's default registry, it
+    would also be served by a worker's ``--metrics-port``. Every configured
+    GGUF model is reported, with 0 when no live worker serves it, so that an
+    alert can fire; when Redis cannot be read, nothing is (no false 0)."""
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        # Read by CollectorRegistry.register instead of collect(): no Redis.
+        return [self._family()]
+
+    def collect(self) -> list[Metric]:
+        from inference import registry
+
+        live = read_workers()
+        if live is None:
+            return []
+        specs = registry.configured_specs()
+        counts = {name: 0 for name, spec in specs.items() if spec.remote is None}
+        for worker in live:
+            for model in worker.get("models", {}):
+                counts[model] = counts.get(model, 0) + 1
+        family = self._family()
+        for model, count in sorted(counts.items()):
+            family.add_metric([model], count)
+        return [family]
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            WORKERS_FAMILY,
+            "Live inference workers serving each model (read from Redis; every front end reports the same).",
+            labels=["model"],
+        )
 
 
 # -- the worker's side -------------------------------------------------------------------

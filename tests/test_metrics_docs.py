@@ -1,4 +1,5 @@
-"""docs/metrics.md has a row for every metric family of inference/metrics.py."""
+"""docs/metrics.md has a row for every metric family of inference/metrics.py,
+and for the front ends' family of live inference workers (inference/workers.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import re
 
 from prometheus_client.metrics import MetricWrapperBase
 
-from inference import metrics
+from inference import metrics, workers
 from tests.processes import ROOT
 
-# A row of the LLM metrics table: | `name` | type | labels | meaning |
+# A row of a metrics table: | `name` | type | labels | meaning |
 ROW = re.compile(r"^\| `(chatsite_\w+)` \| (\w+) \| ([\w, ]+) \|", flags=re.MULTILINE)
 
 
@@ -30,19 +31,22 @@ def defined_families() -> dict[str, tuple[str, tuple[str, ...]]]:
             (family,) = metric.describe()
             name = family.name + "_total" if family.type == "counter" else family.name
             families[name] = (family.type, tuple(metric._labelnames))
+    for family in workers.WorkersCollector().describe():
+        families[family.name] = (family.type, tuple(family._labelnames))
     return families
 
 
 def test_it_documents_every_metric_family_with_its_type_and_labels() -> None:
     defined = defined_families()
-    # The lookup finds the module's families, the newest included.
+    # The lookup finds the module's families, the newest included, and the workers'.
     assert "chatsite_decode_batch_size" in defined
+    assert "chatsite_inference_workers" in defined
 
     documented = documented_rows()
 
     missing = sorted(defined.keys() - documented.keys())
     assert not missing, f"no row in docs/metrics.md for {missing}"
     unknown = sorted(documented.keys() - defined.keys())
-    assert not unknown, f"rows in docs/metrics.md for families inference/metrics.py lacks: {unknown}"
+    assert not unknown, f"rows in docs/metrics.md for families the code lacks: {unknown}"
     for name, (kind, labels) in defined.items():
         assert documented[name] == (kind, labels), f"{name}: type and labels differ from the code"

@@ -23,9 +23,11 @@ from typing import Any
 
 import pytest
 import websockets
+from django.test import Client, override_settings
 
-from tests.api_helpers import prepared_env
-from tests.processes import ROOT, daphne
+from tests.api_helpers import MODEL, prepared_env
+from tests.metrics_helpers import Scrape
+from tests.processes import ROOT, daphne, free_port, get
 from tests.servers import redis_server
 
 SESSION_LIMIT = 3
@@ -36,6 +38,8 @@ class Cluster:
     front_ends: list[str]
     workers: list[subprocess.Popen[str]]
     logs: list[Path]
+    worker_metrics: list[str]  # each worker's own --metrics-port
+    redis_url: str  # the channel layer's database, where workers advertise themselves
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +57,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             CHATSITE_INFERENCE_N_THREADS="1",
             CHATSITE_RATELIMIT_SESSION_REQUESTS_PER_MINUTE=str(SESSION_LIMIT),
         )
-        workers, logs = [], []
+        workers, logs, worker_metrics = [], [], []
         for index in range(2):
             log = tmp / f"worker-{index}.log"
+            metrics_port = free_port()
             process = subprocess.Popen(
-                [sys.executable, "manage.py", "inference_worker"],
+                [sys.executable, "manage.py", "inference_worker", "--metrics-port", str(metrics_port)],
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.DEVNULL,
@@ -67,9 +72,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             stack.callback(stop, process)
             workers.append(process)
             logs.append(log)
+            worker_metrics.append(f"http://127.0.0.1:{metrics_port}/metrics")
         front_ends = [stack.enter_context(daphne(env)) for _ in range(2)]
         wait_for_workers(front_ends[0], 2)
-        yield Cluster(front_ends, workers, logs)
+        yield Cluster(front_ends, workers, logs, worker_metrics, f"{redis_url}/0")
 
 
 def stop(process: subprocess.Popen[str]) -> None:
@@ -180,6 +186,44 @@ async def test_it_holds_a_sessions_rate_limit_across_both_front_ends(cluster: Cl
         await tab.send("Hi.", 2)
         refused = await tab.until("error")
     assert refused["code"] == "rate_limited"
+
+
+def test_it_shows_the_live_workers_in_each_front_ends_metrics(cluster: Cluster) -> None:
+    for url in cluster.front_ends:
+        assert f'chatsite_inference_workers{{model="{MODEL}"}} 2.0' in get(url + "/metrics").splitlines()
+    # Only front ends report them: a worker's own endpoint does not.
+    for url in cluster.worker_metrics:
+        exposition = get(url)
+        assert "chatsite_requests_running" in exposition
+        assert "chatsite_inference_workers" not in exposition
+
+
+def test_it_shows_zero_workers_for_a_configured_model_none_serves(cluster: Cluster, client: Client) -> None:
+    models = {
+        "unserved": {"path": "/nonexistent/unserved.gguf"},
+        "upstream": {"url": "http://127.0.0.1:9/v1"},  # remote: never served by a worker
+    }
+    with override_settings(
+        CHATSITE_INFERENCE_MODE="workers", REDIS_URL=cluster.redis_url, CHATSITE_MODELS=models
+    ):
+        scrape = Scrape(client.get("/metrics").content.decode())
+    workers = {
+        labels["model"]: value
+        for name, labels, value in scrape.samples
+        if name == "chatsite_inference_workers"
+    }
+    assert workers == {MODEL: 2.0, "unserved": 0.0}
+
+
+def test_it_shows_no_workers_count_while_redis_cannot_be_read(client: Client) -> None:
+    # Nothing listens there: the count is unknown, which is not 0 workers.
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    with override_settings(CHATSITE_INFERENCE_MODE="workers", REDIS_URL=unreachable):
+        response = client.get("/metrics")
+    assert response.status_code == 200
+    exposition = response.content.decode()
+    assert "django_http_requests" in exposition
+    assert "chatsite_inference_workers" not in exposition
 
 
 async def test_it_marks_the_replies_of_a_killed_worker_interrupted(cluster: Cluster) -> None:
