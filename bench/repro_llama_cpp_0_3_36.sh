@@ -6,13 +6,15 @@
 #
 #   bash bench/repro_llama_cpp_0_3_36.sh            # VERSION=0.3.36 by default
 #
-# Seen on the development machines (2-core x86-64 with AVX-512):
+# Seen on development machines whose CPUs have AMX (2-core x86-64):
 #   * "native": built as the Makefile builds 0.3.16 (-DGGML_OPENMP=OFF, so
 #     GGML_NATIVE=ON), it crashed inside ggml's AMX int8 code (illegal
-#     instruction or general protection fault in libggml-cpu) where the CPU
-#     reported AMX_INT8 = 1;
-#   * "portable": GGML_NATIVE=OFF with explicit AVX-512 flags and no AMX runs,
+#     instruction or general protection fault in libggml-cpu), with
+#     AMX_INT8 = 1 in the system info;
+#   * "portable": GGML_NATIVE=OFF with explicit AVX-512 flags and no AMX ran,
 #     but decoded at 82-88 tokens/s against 173 for 0.3.16.
+# On a machine without AMX (AMD EPYC with AVX-512) both builds ran, at
+# 0.3.16's speed: 129 (native) and 128 (portable) against 116 tokens/s.
 # Each build takes a few minutes; the wheels and venvs stay under
 # ~/.cache/chatsite/repro-<version> for a second run.
 set -euo pipefail
