@@ -2,8 +2,8 @@
 two ``manage.py inference_worker`` processes with the real model, and a real
 redis-server between them (channel layer and cache), all on 127.0.0.1.
 
-The processes are shared by the tests of this module; the test that kills a
-worker runs last."""
+The processes are shared by the tests of this module; the tests that kill the
+workers run last, one worker each."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import pytest
 import websockets
 from django.test import Client, override_settings
 
-from tests.api_helpers import MODEL, prepared_env
+from tests.api_helpers import MODEL, create_key, prepared_env
 from tests.metrics_helpers import Scrape
 from tests.processes import ROOT, daphne, free_port, get
 from tests.servers import redis_server
@@ -40,6 +40,7 @@ class Cluster:
     logs: list[Path]
     worker_metrics: list[str]  # each worker's own --metrics-port
     redis_url: str  # the channel layer's database, where workers advertise themselves
+    env: dict[str, str]  # the front ends' environment (manage.py commands against their database)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             worker_metrics.append(f"http://127.0.0.1:{metrics_port}/metrics")
         front_ends = [stack.enter_context(daphne(env)) for _ in range(2)]
         wait_for_workers(front_ends[0], 2)
-        yield Cluster(front_ends, workers, logs, worker_metrics, f"{redis_url}/0")
+        yield Cluster(front_ends, workers, logs, worker_metrics, f"{redis_url}/0", env)
 
 
 def stop(process: subprocess.Popen[str]) -> None:
@@ -248,3 +249,39 @@ async def test_it_marks_the_replies_of_a_killed_worker_interrupted(cluster: Clus
         if frame["status"] == "interrupted":
             assert frame["error_code"] == "worker_lost"
             assert "stopped answering" in frame["error"]
+
+
+def test_it_ends_an_api_stream_whose_worker_dies_and_then_answers_busy(cluster: Cluster) -> None:
+    # Runs after the first worker was killed: the second serves every job.
+    import requests
+
+    key = create_key(cluster.env, "alice")
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a long essay about mountains and rivers."}],
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+    }
+    url = cluster.front_ends[0] + "/v1/chat/completions"
+    with requests.post(url, json=body, headers=headers, stream=True, timeout=120) as response:
+        assert response.status_code == 200
+        events = []
+        for line in response.iter_lines():
+            if not line.startswith(b"data: "):
+                continue
+            events.append(line[6:])
+            if len(events) == 3:  # text is flowing: the worker dies mid-reply
+                cluster.workers[1].send_signal(signal.SIGKILL)
+    assert b"[DONE]" not in events
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "worker_lost"
+    assert "stopped answering" in error["message"]
+
+    # No worker left: a clear busy answer within the accept timeout, not a hang.
+    refused = requests.post(url, json={**body, "stream": False}, headers=headers, timeout=60)
+    assert refused.status_code == 503
+    assert refused.headers["Retry-After"]
+    assert refused.json()["error"]["code"] == "engine_overloaded"
+    assert "no inference worker took the request" in refused.json()["error"]["message"]
