@@ -85,11 +85,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
     env = child_env(
         CHATSITE_DATABASE_URL=f"sqlite:///{database}",
         CHATSITE_CHAT_GENERATE_TITLES="false",
-        # One decoding thread: with one per core, llama.cpp's threads wait on
-        # each other spinning, and when other processes busy the two cores (a
-        # parallel test run) a reply of 8 tokens was measured taking over 15 s
-        # in 3 of 20 tries; with one thread, 0 of 20 on the same busy machine.
-        CHATSITE_INFERENCE_N_THREADS="1",
     )
     manage("migrate", "--noinput", env=env)
     seeded = run_python(SEED, READER_PASSWORD, env=env)

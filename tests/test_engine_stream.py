@@ -231,3 +231,19 @@ async def test_it_reuses_the_whole_cached_prompt_when_the_same_request_comes_aga
     assert hits() - before == second_final.prompt_tokens - 1
     assert second == first
     assert second_final.completion_tokens == first_final.completion_tokens
+
+
+def test_it_leaves_one_cpu_to_the_rest_of_the_service_by_default() -> None:
+    # One llama.cpp thread per core stalls whenever another process takes a
+    # core (see inference.engine.default_threads), and the web server is one.
+    import os
+
+    from inference.engine import default_threads
+
+    allowed = os.sched_getaffinity(0)
+    assert default_threads() == max(1, len(allowed) - 1)
+    os.sched_setaffinity(0, {min(allowed)})  # this thread only, restored below
+    try:
+        assert default_threads() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
