@@ -20,6 +20,8 @@ class RawSide:
             "model_path": path,
             "n_ctx": n_ctx,
             "n_threads": n_threads,
+            # llama-cpp-python would evaluate prompts with one thread per CPU.
+            "n_threads_batch": n_threads,
             "n_batch": n_batch,
         }
         # One thread loads and decodes: llama.cpp's context stays on it.
