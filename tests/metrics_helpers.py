@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+
+
+def prompt_cache_tokens(model: str, source: str) -> float:
+    """Prompt tokens this process's engines reused from ``source`` (slot or ram)."""
+    value = REGISTRY.get_sample_value(
+        "chatsite_prompt_cache_tokens_total", {"model": model, "source": source}
+    )
+    return value or 0.0
 
 
 class Scrape:

@@ -13,6 +13,7 @@ from inference.prompt_cache import common_prefix_length
 from inference.types import ChatMessage, Finished, GenerationRequest, TextDelta
 from tests.conftest import collect, greedy
 from tests.engine_helpers import batched
+from tests.metrics_helpers import prompt_cache_tokens
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +101,6 @@ async def test_it_cancels_one_of_four_without_disturbing_the_others(batched_engi
         assert common_prefix_length(list(map(ord, text)), list(map(ord, expected))) >= min(5, len(expected))
 
 
-def slot_tokens(model: str) -> float:
-    return (
-        REGISTRY.get_sample_value("chatsite_prompt_cache_tokens_total", {"model": model, "source": "slot"})
-        or 0.0
-    )
-
-
 async def test_it_keeps_running_sequences_adjacent_and_copies_a_prefix_across() -> None:
     # llama.cpp decodes a batch in one pass only over consecutive sequence ids:
     # a follow-up turn whose conversation sits in a slot away from the running
@@ -128,10 +122,10 @@ async def test_it_keeps_running_sequences_adjacent_and_copies_a_prefix_across() 
             await anext(long_running)  # it decodes in slot 2
             running = {slot.sequence for slot in engine._slots if slot.running is not None}
             assert running == {2}
-            before = slot_tokens(engine.spec.name)
+            before = prompt_cache_tokens(engine.spec.name, "slot")
             beside, final = await collect(engine, follow_up)
             assert final.reason in ("stop", "length")
-            assert slot_tokens(engine.spec.name) - before >= first.prompt_tokens
+            assert prompt_cache_tokens(engine.spec.name, "slot") - before >= first.prompt_tokens
             assert (
                 engine._slots[3].tokens[: first.prompt_tokens - 1]
                 == engine._slots[0].tokens[: first.prompt_tokens - 1]

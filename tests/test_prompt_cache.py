@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from prometheus_client import REGISTRY
-
 from inference.prompt_cache import PromptCache, common_prefix_length
 from inference.types import ChatMessage, GenerationRequest, SamplingParams
 from tests.conftest import collect, greedy
 from tests.engine_helpers import batched
+from tests.metrics_helpers import prompt_cache_tokens
 
 
 def test_it_finds_the_longest_shared_prefix() -> None:
@@ -46,13 +45,6 @@ def test_it_drops_an_entry_that_a_longer_one_continues() -> None:
     assert cache.bytes == 20
 
 
-def ram_tokens(model: str) -> float:
-    return (
-        REGISTRY.get_sample_value("chatsite_prompt_cache_tokens_total", {"model": model, "source": "ram"})
-        or 0.0
-    )
-
-
 HISTORY = (
     "Here are my notes on rivers. " + "The river runs past the mill, under the bridge and into the sea. " * 40
 )
@@ -64,9 +56,9 @@ async def test_it_restores_a_conversation_that_continues_as_if_evaluated_again()
         request = greedy(HISTORY + "Summarise them.", max_tokens=24)
         first, first_final = await collect(engine, request)
         await collect(engine, greedy("Something else entirely, about the moon.", max_tokens=8))
-        before = ram_tokens(engine.spec.name)
+        before = prompt_cache_tokens(engine.spec.name, "ram")
         again, _ = await collect(engine, request)
-        assert ram_tokens(engine.spec.name) - before == first_final.prompt_tokens - 1
+        assert prompt_cache_tokens(engine.spec.name, "ram") - before == first_final.prompt_tokens - 1
         assert again == first
     finally:
         engine.close()
@@ -80,12 +72,12 @@ async def test_it_serves_a_follow_up_turn_from_the_cache_after_eight_other_conve
         reply, first = await collect(engine, GenerationRequest(turn, params))
         others = [greedy(f"Tell me one fact about the number {n}.", max_tokens=12) for n in range(8)]
         await asyncio.gather(*(collect(engine, other) for other in others))
-        before = ram_tokens(engine.spec.name)
+        before = prompt_cache_tokens(engine.spec.name, "ram")
         follow_up = [*turn, ChatMessage("assistant", reply), ChatMessage("user", "Shorter, please.")]
         _, final = await collect(engine, GenerationRequest(follow_up, params))
         assert final.reason in ("stop", "length")
         # The whole first turn came from the RAM cache, not evaluated again.
-        assert ram_tokens(engine.spec.name) - before >= first.prompt_tokens
+        assert prompt_cache_tokens(engine.spec.name, "ram") - before >= first.prompt_tokens
     finally:
         engine.close()
 
@@ -103,22 +95,17 @@ async def test_it_moves_long_idle_conversations_to_ram_while_a_short_one_decodes
             GenerationRequest([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi.")], params),
         )
         assert all(len(slot.tokens) < firsts[0][1].prompt_tokens for slot in engine._slots)
-        before = ram_tokens(engine.spec.name)
+        before = prompt_cache_tokens(engine.spec.name, "ram")
         for turn, (reply, _first) in zip(turns, firsts, strict=True):
             follow_up = [*turn, ChatMessage("assistant", reply), ChatMessage("user", "Shorter.")]
             _, final = await collect(engine, GenerationRequest(follow_up, params))
             assert final.reason in ("stop", "length")
         # Both earlier conversations came back from RAM, none evaluated again.
-        assert ram_tokens(engine.spec.name) - before >= sum(first.prompt_tokens for _, first in firsts)
+        assert prompt_cache_tokens(engine.spec.name, "ram") - before >= sum(
+            first.prompt_tokens for _, first in firsts
+        )
     finally:
         engine.close()
-
-
-def slot_tokens(model: str) -> float:
-    return (
-        REGISTRY.get_sample_value("chatsite_prompt_cache_tokens_total", {"model": model, "source": "slot"})
-        or 0.0
-    )
 
 
 async def test_requests_arriving_together_evaluate_their_shared_system_prompt_once() -> None:
@@ -130,13 +117,13 @@ async def test_requests_arriving_together_evaluate_their_shared_system_prompt_on
         )
         questions = ["Where is the mill?", "Where is the bridge?", "What is upstream?", "What is downstream?"]
         system_tokens = engine.count_prompt_tokens([ChatMessage("system", system)])
-        before = slot_tokens(engine.spec.name)
+        before = prompt_cache_tokens(engine.spec.name, "slot")
         replies = await asyncio.gather(
             *(collect(engine, greedy(question, system=system, max_tokens=8)) for question in questions)
         )
         assert all(text and final.reason in ("stop", "length") for text, final in replies)
         # The first evaluated the system prompt; the three others copied it.
-        assert slot_tokens(engine.spec.name) - before >= 3 * (system_tokens - 8)
+        assert prompt_cache_tokens(engine.spec.name, "slot") - before >= 3 * (system_tokens - 8)
     finally:
         engine.close()
 

@@ -257,7 +257,7 @@ def test_it_ends_an_api_stream_whose_worker_dies_and_then_answers_busy(cluster: 
 
     key = create_key(cluster.env, "alice")
     headers = {"Authorization": f"Bearer {key}"}
-    body = {
+    body: dict[str, Any] = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Write a long essay about mountains and rivers."}],
         "max_tokens": 400,
