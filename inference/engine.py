@@ -128,7 +128,7 @@ MIN_SAVED_TOKENS = 32
 # only when it saves at least this many prompt tokens.
 MIN_COPIED_TOKENS = 8
 # Idle slots longer than every running sequence by more than this many tokens
-# move to the RAM cache (llama.cpp pads attention to 256 cells).
+# move to the RAM cache (see Engine._shed_idle_slots).
 SHED_MARGIN = 256
 
 _CLOSE = object()
@@ -150,7 +150,27 @@ def default_threads() -> int:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         usable = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        usable = min(usable, quota)
     return max(1, usable - 1)
+
+
+def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """The CPUs a container's cgroup (v2) lets this process use, rounded up;
+    None without a limit. A container limited to 2 CPUs on a 64-core host
+    sees 64 in its affinity."""
+    try:
+        with open(path) as file:
+            quota, period = file.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, -(-int(quota) // int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 class _LoadRequest:
@@ -531,13 +551,14 @@ class Engine:
             default=(0, slot),
         )
         cached, cached_length = self._prompt_cache.best(target) if self.prompt_cache_bytes else (None, 0)
-        if (
-            cached is not None
-            and cached_length > max(reused, donor_length)
-            and context.restore(slot.sequence, cached.state)
-        ):
-            slot.tokens = list(cached.tokens)
-            reused, source = cached_length, "ram"
+        restored = False
+        if cached is not None and cached_length > max(reused, donor_length):
+            restored = context.restore(slot.sequence, cached.state)
+            # A refused restore has emptied the sequence all the same.
+            slot.tokens = list(cached.tokens) if restored else []
+            reused = cached_length if restored else 0
+        if restored:
+            source = "ram"
         elif donor_length >= reused + MIN_COPIED_TOKENS:
             context.copy(donor.sequence, slot.sequence, donor_length)
             slot.tokens = donor.tokens[:donor_length]
@@ -591,8 +612,8 @@ class Engine:
         in any stream, running or not; a single short stream decoded beside
         slots holding 1,500-token conversations ran at two thirds of its speed
         (105 against 155 tokens/s).
-        Their state comes back from the RAM cache in milliseconds. Without a
-        RAM cache the slots keep what they hold.
+        Their state comes back from the RAM cache in milliseconds. A slot
+        whose state the RAM cache cannot keep (none, or too small) keeps it.
         """
         if not self.prompt_cache_bytes or not self._running:
             return
@@ -600,8 +621,7 @@ class Engine:
         longest = max(len(running.prompt) + running.job.completion_tokens for running in self._running)
         bound = longest + SHED_MARGIN
         for slot in self._slots:
-            if slot.running is None and len(slot.tokens) > bound:
-                self._save_to_ram(slot)
+            if slot.running is None and len(slot.tokens) > bound and self._save_to_ram(slot):
                 self._context.remove(slot.sequence, 0)
                 slot.tokens = []
                 slot.last_prefill = []
@@ -631,12 +651,15 @@ class Engine:
         del slot.tokens[reused:]
         return reused
 
-    def _save_to_ram(self, slot: Slot) -> None:
+    def _save_to_ram(self, slot: Slot) -> bool:
+        """Keep a slot's state in the RAM cache; False when it is not kept
+        (too few tokens, no cache, or larger than the whole cache)."""
         if not self.prompt_cache_bytes or len(slot.tokens) < MIN_SAVED_TOKENS:
-            return
+            return False
         assert self._context is not None
-        self._prompt_cache.put(slot.tokens, self._context.state_of(slot.sequence))
+        kept = self._prompt_cache.put(slot.tokens, self._context.state_of(slot.sequence))
         metrics.prompt_cache_bytes.labels(self.spec.name).set(self._prompt_cache.bytes)
+        return kept
 
     def _count_eviction(self, _entry: object) -> None:
         metrics.prompt_cache_evictions.labels(self.spec.name).inc()
@@ -664,10 +687,10 @@ class Engine:
                 self._end(running, "cancelled")
         if not self._running:
             return
-        self._shed_idle_slots()
         for running in self._running:
             if running.donor is not None:
                 self._take_from_donor(running)
+        self._shed_idle_slots()
         decoding = [running for running in self._running if not running.prefilling]
         budget = min(
             PROMPT_TOKENS_BESIDE_DECODING if decoding else batch.capacity, batch.capacity - len(decoding)
@@ -699,9 +722,18 @@ class Engine:
                     batch.add(token, start + offset, slot.sequence, logits=False)
         if not batch.n_tokens:
             return
+        # Requests that ended above (cancelled) hear of it now, not after the decode.
+        self._flush_outbox()
+        self._outbox = []
         status = self._decode(batch, owners)
+        if status != 0:
+            # llama.cpp keeps the micro-batches it finished before an abort or
+            # a failure: drop them too, so that each sequence's cache holds
+            # exactly its slot's tokens again, and the step can be redone.
+            for running in self._running:
+                context.remove(running.slot.sequence, len(running.slot.tokens))
         if status == 2:
-            return  # a prompt's owner cancelled: llama.cpp dropped the batch; redo it without them
+            return  # a prompt's owner cancelled: redo the step without them
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
         if decoding:

@@ -185,15 +185,17 @@ class Context:
         )
 
     def decode(self, batch: Batch) -> int:
-        """llama.cpp's status: 0 done, 1 no room in the KV cache, 2 aborted
-        (the batch's positions are then removed from the cache), < 0 error."""
+        """llama.cpp's status: 0 done, 1 no room in the KV cache, 2 aborted,
+        < 0 error. After an abort or an error the micro-batches llama.cpp
+        finished stay in the cache (only the failed one is removed): the
+        caller removes what it does not count as evaluated."""
         return int(llama_cpp.llama_decode(self.pointer, batch.native))
 
     def set_abort_flag(self, abort: bool) -> None:
         """Ask llama.cpp to abort the decode in progress (or the next one) at
         its next graph node; any thread may call it. ``decode`` then returns 2.
 
-        llama.cpp calls its abort callback from its compute thread before every
+        llama.cpp calls its abort callback from its compute thread after every
         graph node, hundreds of times a decode. A Python callback would take
         the GIL each time and wait behind the event loop (it stretched 150 ms
         prompt chunks to 500 ms), so the callback is C's ``strlen`` reading

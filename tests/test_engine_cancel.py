@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from inference.engine import Engine, Generation
 from inference.types import Finished, ModelUnavailable, TextDelta
 from tests.conftest import collect, greedy, make_engine
-from tests.engine_helpers import deterministic
+from tests.engine_helpers import batched, deterministic
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,34 @@ async def test_it_cancels_when_the_consumer_leaves_the_context_manager(engine: E
     assert final.reason in ("stop", "length")
     assert not engine.running
     assert cancelled_count(engine) == cancelled_before + 1
+
+
+async def test_a_cancel_during_prompt_evaluation_leaves_the_streams_beside_it_running() -> None:
+    # The aborted step also carried the other streams' tokens, and llama.cpp
+    # keeps the micro-batches it finished before the abort: the engine must
+    # take them back out, or the redone step is refused and every stream fails.
+    engine = batched(parallel=3)
+    try:
+        await asyncio.to_thread(engine.load)
+        streams = [
+            engine.stream(greedy(prompt, max_tokens=48))
+            for prompt in ("Write a story about a fox.", "Write a story about an owl.")
+        ]
+        for stream in streams:
+            assert isinstance(await anext(stream), TextDelta)
+        long_prompt = "Summarise this text. " + "The river flows past the old mill and the bridge. " * 120
+        evaluated = engine.stream(greedy(long_prompt, max_tokens=8))
+        while engine.running < 3:  # noqa: ASYNC110 - polls the worker thread, which has no asyncio.Event
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.3)  # a few 64-token chunks into the prompt
+        evaluated.cancel()
+        assert [event async for event in evaluated][-1].reason == "cancelled"  # type: ignore[union-attr]
+        for stream in streams:
+            final = [event async for event in stream][-1]
+            assert isinstance(final, Finished)
+            assert final.reason in ("stop", "length"), final.error
+        memory = engine._context.memory if engine._context else None
+        for slot in engine._slots:
+            assert llama_cpp.llama_memory_seq_pos_max(memory, slot.sequence) == len(slot.tokens) - 1
+    finally:
+        engine.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -238,12 +239,28 @@ def test_it_leaves_one_cpu_to_the_rest_of_the_service_by_default() -> None:
     # core (see inference.engine.default_threads), and the web server is one.
     import os
 
-    from inference.engine import default_threads
+    from inference.engine import cgroup_cpu_quota, default_threads
 
     allowed = os.sched_getaffinity(0)
-    assert default_threads() == max(1, len(allowed) - 1)
+    quota = cgroup_cpu_quota()
+    assert default_threads() == max(1, min(len(allowed), quota or len(allowed)) - 1)
     os.sched_setaffinity(0, {min(allowed)})  # this thread only, restored below
     try:
         assert default_threads() == 1
     finally:
         os.sched_setaffinity(0, allowed)
+
+
+def test_it_reads_a_containers_cpu_quota(tmp_path: Path) -> None:
+    from inference.engine import cgroup_cpu_quota
+
+    cpu_max = tmp_path / "cpu.max"
+    for content, expected in [
+        ("max 100000\n", None),
+        ("200000 100000\n", 2),
+        ("150000 100000", 2),
+        ("", None),
+    ]:
+        cpu_max.write_text(content)
+        assert cgroup_cpu_quota(str(cpu_max)) == expected, content
+    assert cgroup_cpu_quota(str(tmp_path / "missing")) is None
