@@ -114,7 +114,9 @@ async def cancel(side: Side, long_tokens: int, tag: str) -> dict[str, float]:
         side,
         long_chat(long_tokens, f"{tag}-cancelled"),
         Sampling(64),
-        lambda trace: time.monotonic() - trace.started > 0.5,
+        # Half a second into the prompt's evaluation (seconds long on CPU), or
+        # as soon as it is done on faster hardware.
+        lambda trace: bool(trace.token_times) or time.monotonic() - trace.started > 0.5,
     )
     in_decode = await _cancel_when(
         side,

@@ -36,7 +36,8 @@ Threading contract
   compute threads never take the GIL) and redone without it.
 * Each sequence has a KV stream of its own. Each step's batch is ordered by
   sequence id and new requests take slots that keep the running ids adjacent,
-  so that llama.cpp decodes every sequence in one pass; idle slots much longer
+  so that llama.cpp decodes their next tokens in one pass (a prompt chunk adds
+  one); idle slots much longer
   than the running sequences move to the RAM prompt cache, since llama.cpp
   sizes every step's attention by the longest stream.
 * ``deterministic=True`` runs one sequence at a time and evaluates prompts in

@@ -22,6 +22,7 @@ from llama_cpp import _internals, _logger
 
 # C's strlen(const char *) as llama.cpp's abort callback, bool (*)(void *):
 # see Context.set_abort_flag. Its size_t result of 0 or 1 reads as the bool.
+# (CDLL(None) is the running program and its C library: Linux and macOS.)
 _STRLEN_AS_ABORT_CALLBACK = ctypes.cast(ctypes.CDLL(None).strlen, llama_cpp.ggml_abort_callback)
 
 # llama-cpp-python prints every llama.cpp log line (the context's settings, each
@@ -216,7 +217,8 @@ class Context:
         """
         llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
         # Copy now rather than at the next decode, so that the target's state
-        # may be read (saved to the RAM cache) before then.
+        # may be read (saved to the RAM cache) before then. (Deprecated in
+        # later llama.cpp; revisit with the pin.)
         llama_cpp.llama_kv_self_update(self.pointer)
         self.remove(target, end)
 
