@@ -18,7 +18,18 @@ import functools
 import importlib.metadata
 
 import llama_cpp
+import numpy as np
+import numpy.typing as npt
 from llama_cpp import _internals, _logger
+
+# A sequence's saved KV state.
+KvState = npt.NDArray[np.uint8]
+
+
+def _bytes_pointer(array: KvState) -> ctypes._Pointer[ctypes.c_uint8]:
+    assert array.flags.c_contiguous
+    return array.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+
 
 # C's strlen(const char *) as llama.cpp's abort callback, bool (*)(void *):
 # see Context.set_abort_flag. Its size_t result of 0 or 1 reads as the bool.
@@ -222,19 +233,26 @@ class Context:
         llama_cpp.llama_kv_self_update(self.pointer)
         self.remove(target, end)
 
-    def state_of(self, sequence: int) -> bytes:
-        """A sequence's KV state, to restore later with :meth:`restore`."""
-        size = llama_cpp.llama_state_seq_get_size(self.pointer, sequence)
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self.pointer, buffer, size, sequence)
-        return bytes(memoryview(buffer)[:written])
+    def state_of(self, sequence: int) -> KvState:
+        """A sequence's KV state, to restore later with :meth:`restore`.
 
-    def restore(self, sequence: int, state: bytes) -> bool:
+        llama.cpp writes it straight into an uninitialised array, which is
+        kept as it is: a zeroed buffer and a copy to ``bytes`` made saving a
+        1,500-token state take four passes over its 35 MB instead of one,
+        in the path of the request that needed the slot.
+        """
+        size = llama_cpp.llama_state_seq_get_size(self.pointer, sequence)
+        buffer = np.empty(size, dtype=np.uint8)
+        written = llama_cpp.llama_state_seq_get_data(self.pointer, _bytes_pointer(buffer), size, sequence)
+        return buffer[:written]
+
+    def restore(self, sequence: int, state: KvState) -> bool:
         """Put a saved state into an (emptied) sequence; False if llama.cpp
         refused it (no room in the cache)."""
         self.remove(sequence, 0)
-        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        return bool(llama_cpp.llama_state_seq_set_data(self.pointer, buffer, len(state), sequence))
+        return bool(
+            llama_cpp.llama_state_seq_set_data(self.pointer, _bytes_pointer(state), state.nbytes, sequence)
+        )
 
     def close(self) -> None:
         llama_cpp.llama_free(self.pointer)

@@ -20,6 +20,12 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
+# A sequence's saved KV state (as inference.llama.Context.state_of gives it).
+KvState = npt.NDArray[np.uint8]
+
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading tokens two token sequences share."""
@@ -40,7 +46,7 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 @dataclass(eq=False)
 class CachedState:
     tokens: array[int]
-    state: bytes
+    state: KvState
 
     @property
     def size(self) -> int:
@@ -64,7 +70,7 @@ class PromptCache:
         """Least recently used first."""
         return list(self._entries.values())
 
-    def put(self, tokens: Sequence[int], state: bytes) -> bool:
+    def put(self, tokens: Sequence[int], state: KvState) -> bool:
         """Keep a state; False when it alone exceeds the capacity.
 
         Entries whose tokens begin the new one are dropped: the new state

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
-from inference.prompt_cache import PromptCache, common_prefix_length
+import numpy as np
+
+from inference.prompt_cache import KvState, PromptCache, common_prefix_length
 from inference.types import ChatMessage, GenerationRequest, SamplingParams
 from tests.conftest import collect, greedy
 from tests.engine_helpers import batched
 from tests.metrics_helpers import prompt_cache_tokens
+
+
+def state(size: int, *, fill: int = 0) -> KvState:
+    """A stand-in for a saved KV state of ``size`` bytes."""
+    return np.full(size, fill, dtype=np.uint8)
 
 
 def test_it_finds_the_longest_shared_prefix() -> None:
@@ -16,8 +23,8 @@ def test_it_finds_the_longest_shared_prefix() -> None:
     assert common_prefix_length([], [1]) == 0
     assert common_prefix_length(list(range(1000)), list(range(1000))) == 1000
     cache = PromptCache(1000)
-    cache.put([1, 2, 3], b"a" * 10)
-    cache.put([1, 2, 9, 9], b"b" * 10)
+    cache.put([1, 2, 3], state(10, fill=ord("a")))
+    cache.put([1, 2, 9, 9], state(10, fill=ord("b")))
     entry, length = cache.best([1, 2, 9, 7])
     assert entry is not None
     assert (bytes(entry.state[:1]), length) == (b"b", 3)
@@ -27,20 +34,20 @@ def test_it_never_exceeds_its_bound_and_evicts_the_least_recently_used() -> None
     evicted: list[int] = []
     cache = PromptCache(100, on_evict=lambda entry: evicted.append(entry.tokens[0]))
     for first in range(5):
-        assert cache.put([first, 1, 2], bytes(30))
+        assert cache.put([first, 1, 2], state(30))
         assert cache.bytes <= 100
     assert evicted == [0, 1]
     cache.best([2, 1])  # 2 is used: 3 is now the least recently used
-    cache.put([9], bytes(30))
+    cache.put([9], state(30))
     assert evicted == [0, 1, 3]
     assert cache.bytes == 90
-    assert not cache.put([8], bytes(101))
+    assert not cache.put([8], state(101))
 
 
 def test_it_drops_an_entry_that_a_longer_one_continues() -> None:
     cache = PromptCache(1000)
-    cache.put([1, 2], bytes(10))
-    cache.put([1, 2, 3, 4], bytes(20))
+    cache.put([1, 2], state(10))
+    cache.put([1, 2, 3, 4], state(20))
     assert len(cache) == 1
     assert cache.bytes == 20
 
