@@ -142,10 +142,10 @@ def default_threads() -> int:
     ggml's threads wait for each other at a spinning barrier between graph
     nodes, so when another process (the web server's own event loop, the
     database) takes one of the cores they run on, every node waits for the
-    descheduled thread. Measured on 2 cores, one stream: alone, 157-168
-    tokens/s with 2 threads and 140-151 with 1; beside one busy process, 19-30
-    with 2 threads and 137-146 with 1; beside two, 1-10 (stalls of 5 s)
-    against 87-98.
+    descheduled thread. ``python -m bench.threads`` on 2 cores, one stream:
+    alone, 130-137 tokens/s with 2 threads and 127-151 with 1; beside one
+    busy process, 24-32 with 2 threads and 122-142 with 1; beside two, 10-11
+    against 82-86.
     """
     try:
         usable = len(os.sched_getaffinity(0))
