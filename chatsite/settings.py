@@ -162,7 +162,7 @@ CHATSITE_WORKER_TIMEOUT = config.get_float("inference.worker_timeout", 5.0, mini
 CHATSITE_WORKER_ACCEPT_TIMEOUT = config.get_float("inference.worker_accept_timeout", 3.0, minimum=0.5)
 # How many requests may wait for a model while it generates for another.
 CHATSITE_QUEUE_SIZE = config.get_int("inference.queue_size", 8, minimum=0)
-# Threads llama.cpp uses for decoding; 0 means one per CPU core.
+# Threads llama.cpp uses for decoding; 0 means every usable CPU but one.
 CHATSITE_N_THREADS = config.get_int("inference.n_threads", 0, minimum=0)
 # Identical greedy output whatever ran before (one sequence at a time, prompt
 # chunks at fixed positions), at the cost of batching and of most prompt-cache
