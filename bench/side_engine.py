@@ -4,6 +4,7 @@ site would see each ``TextDelta``."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -31,15 +32,7 @@ class EngineSide:
 
         request = GenerationRequest(
             [ChatMessage(m["role"], m["content"]) for m in messages],  # type: ignore[arg-type]
-            SamplingParams(
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                min_p=sampling.min_p,
-                repeat_penalty=sampling.repeat_penalty,
-                seed=sampling.seed,
-                max_tokens=sampling.max_tokens,
-            ),
+            SamplingParams(**dataclasses.asdict(sampling)),
         )
         trace = trace or Trace(time.monotonic())
         async with self.engine.stream(request) as generation:

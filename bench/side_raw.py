@@ -4,6 +4,7 @@ one ``Llama``, run on a thread of its own (it serves one request at a time)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -41,13 +42,7 @@ class RawSide:
             chunks = self._llama.create_chat_completion(
                 messages=messages,
                 stream=True,
-                max_tokens=sampling.max_tokens,
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                min_p=sampling.min_p,
-                repeat_penalty=sampling.repeat_penalty,
-                seed=sampling.seed,
+                **dataclasses.asdict(sampling),
             )
             for chunk in chunks:
                 content = chunk["choices"][0]["delta"].get("content")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
 import subprocess
@@ -69,13 +70,7 @@ class ServerSide:
             {
                 "messages": messages,
                 "stream": True,
-                "max_tokens": sampling.max_tokens,
-                "temperature": sampling.temperature,
-                "top_k": sampling.top_k,
-                "top_p": sampling.top_p,
-                "min_p": sampling.min_p,
-                "repeat_penalty": sampling.repeat_penalty,
-                "seed": sampling.seed,
+                **dataclasses.asdict(sampling),
                 "cache_prompt": True,
             }
         ).encode()

@@ -45,7 +45,9 @@ def long_chat(tokens: int, tag: str) -> Messages:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Greedy, with the service's defaults (min_p 0 as the engine sets it)."""
+    """Greedy, with the service's defaults (min_p 0 as the engine sets it).
+    Its fields are named as every side's API names them, so each side passes
+    ``dataclasses.asdict`` of it."""
 
     max_tokens: int
     temperature: float = 0.0
