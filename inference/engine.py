@@ -552,15 +552,13 @@ class Engine:
             default=(0, slot),
         )
         cached, cached_length = self._prompt_cache.best(target) if self.prompt_cache_bytes else (None, 0)
-        restored = False
         if cached is not None and cached_length > max(reused, donor_length):
-            restored = context.restore(slot.sequence, cached.state)
-            # A refused restore has emptied the sequence all the same.
-            slot.tokens = list(cached.tokens) if restored else []
-            reused = cached_length if restored else 0
-        if restored:
-            source = "ram"
-        elif donor_length >= reused + MIN_COPIED_TOKENS:
+            if context.restore(slot.sequence, cached.state):
+                slot.tokens = list(cached.tokens)
+                reused, source = cached_length, "ram"
+            else:  # a refused restore has emptied the sequence all the same
+                slot.tokens, reused = [], 0
+        if source == "slot" and donor_length >= reused + MIN_COPIED_TOKENS:
             context.copy(donor.sequence, slot.sequence, donor_length)
             slot.tokens = donor.tokens[:donor_length]
             reused = donor_length

@@ -10,7 +10,6 @@ worker thread; no locking.
 from __future__ import annotations
 
 import codecs
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +56,6 @@ class Running:
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
     )
     last_token_at: float = 0.0
-    admitted_at: float = field(default_factory=time.monotonic)
     # Set while the first ``shared`` tokens of the prompt are being evaluated
     # by another sequence admitted with it (the same system prompt): this one
     # waits, then copies them from that sequence's slot.
