@@ -52,6 +52,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -132,7 +133,18 @@ MIN_COPIED_TOKENS = 8
 # move to the RAM cache (see Engine._shed_idle_slots).
 SHED_MARGIN = 256
 
+# Retry-After (Engine._retry_after): a step's time before one was measured
+# (about the bundled model's on 2 CPU cores), and the longest wait ever given.
+DEFAULT_STEP_SECONDS = 0.05
+RETRY_AFTER_MAX = 120
+# Weight of the newest sample in the moving averages behind Retry-After.
+AVERAGE_WEIGHT = 0.2
+
 _CLOSE = object()
+
+
+def _moving_average(average: float | None, sample: float) -> float:
+    return sample if average is None else average + AVERAGE_WEIGHT * (sample - average)
 
 
 def default_threads() -> int:
@@ -269,6 +281,11 @@ class Engine:
         self._in_flight: set[_Job] = set()
         # Worker thread only: the events of the step in progress, sent after it.
         self._outbox: list[tuple[_Job, StreamEvent | InferenceError]] | None = None
+        # Moving averages, written by the worker, read for Retry-After: the
+        # time of one step (a token of every running request) and the time a
+        # request spent in its slot, once one has ended.
+        self._step_seconds: float | None = None
+        self._job_seconds: float | None = None
         self._closed = False
         self._thread: threading.Thread | None = None
         self.n_gpu_layers = 0
@@ -314,6 +331,34 @@ class Engine:
         places = self.queue_size + max(0, self.parallel - len(self._active))
         return sum(1 for job in self._waiting if isinstance(job, _Job)) >= places
 
+    def _retry_after(self) -> int:
+        """Whole seconds until the queue has a place again (hold ``_condition``).
+
+        A place frees when a running request ends and a waiting one takes its
+        slot; the refused request needs as many of those as the queue is over
+        full. Each running request is expected to end after its remaining
+        ``max_tokens`` at the measured time of a step (one token each), or
+        sooner, once it has run as long as the requests that ended lately did
+        on average. Both are measured, so the estimate follows the load: a
+        burst of requests that all started together frees its slots together.
+        """
+        now = time.monotonic()
+        step = self._step_seconds or DEFAULT_STEP_SECONDS
+        estimates = []
+        for job in self._active:
+            remaining = max(1, job.request.params.max_tokens - job.completion_tokens) * step
+            if self._job_seconds is not None and job.started_at is not None:
+                remaining = min(remaining, max(step, self._job_seconds - (now - job.started_at)))
+            estimates.append(remaining)
+        waiting = sum(1 for job in self._waiting if isinstance(job, _Job))
+        places = self.queue_size + max(0, self.parallel - len(self._active))
+        needed = waiting - places + 1
+        estimates.sort()
+        seconds = estimates[min(len(estimates), max(1, needed)) - 1] if estimates else step
+        # A margin for the estimate's own error, so that a client that waits
+        # as told finds the place free.
+        return max(1, min(RETRY_AFTER_MAX, math.ceil(seconds * 1.25 + 0.5)))
+
     # -- the async API ---------------------------------------------------------
 
     def stream(self, request: GenerationRequest) -> Generation:
@@ -329,9 +374,11 @@ class Engine:
                 raise ModelUnavailable(f"model {self.spec.name!r} is shutting down")
             if self._is_full():
                 metrics.record_refused(model=self.spec.name, transport=request.transport, kind="busy")
+                retry_after = self._retry_after()
                 raise EngineBusy(
                     f"model {self.spec.name!r} is busy: {len(self._waiting)} request(s) "
-                    "are already waiting. Try again shortly."
+                    f"are already waiting. Try again in {retry_after} s.",
+                    retry_after=retry_after,
                 )
             self._waiting.append(job)
             metrics.requests_waiting.labels(self.spec.name).inc()
@@ -446,8 +493,10 @@ class Engine:
                 break
             if self._running:
                 self._outbox = []
+                step_started = time.monotonic()
                 try:
                     self._step()
+                    self._step_seconds = _moving_average(self._step_seconds, time.monotonic() - step_started)
                 except Exception as exc:  # never let one step kill the worker
                     logger.exception("engine %s failed on a decode step", self.spec.name)
                     for running in list(self._running):
@@ -882,6 +931,8 @@ class Engine:
             time_to_first=finished.time_to_first_token,
             total_time=finished.total_time,
         )
+        if job.started_at is not None and reason in ("stop", "length"):
+            self._job_seconds = _moving_average(self._job_seconds, now - job.started_at)
         self._release(job)
         self._emit(job, finished)
 

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +53,8 @@ from inference.types import (
     ModelUnavailable,
     TextDelta,
 )
+
+logger = logging.getLogger(__name__)
 
 # How many characters a token stands for when the server cannot count them
 # for us: OpenAI-compatible servers have no standard tokenize endpoint, so the
@@ -160,7 +164,9 @@ class RemoteStream(QueuedStream):
         if backend.api_key:
             headers["Authorization"] = f"Bearer {backend.api_key}"
         timeout = httpx2.Timeout(backend.read_timeout, connect=backend.connect_timeout)
-        where = f"the remote server of model {model!r} ({backend.url})"
+        # Errors reach the people using the model: they name the model, never
+        # the server's address (which may carry credentials); the log has it.
+        where = f"the remote server of model {model!r}"
         try:
             async with (
                 httpx2.AsyncClient(timeout=timeout) as http,
@@ -172,7 +178,15 @@ class RemoteStream(QueuedStream):
                 ) as response,
             ):
                 if response.status_code != 200:
-                    raise _status_error(response.status_code, _error_message(await response.aread()), where)
+                    logger.warning(
+                        "%s (%s) answered %s", where, redacted_url(backend.url), response.status_code
+                    )
+                    raise _status_error(
+                        response.status_code,
+                        _error_message(await response.aread()),
+                        where,
+                        retry_after=_retry_after(response.headers.get("Retry-After")),
+                    )
                 async for line in response.aiter_lines():
                     if self._consume(line, state):
                         return
@@ -263,9 +277,27 @@ class _Progress:
         self.finish_reason: FinishReason | None = None
 
 
-def _status_error(status: int, message: str, where: str) -> InferenceError:
+def redacted_url(url: str) -> str:
+    """``url`` without its user name, password, query and fragment, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _retry_after(value: str | None) -> int:
+    """The server's Retry-After in whole seconds (a number; a date or junk: 2)."""
+    try:
+        return max(1, min(120, int(value or "")))
+    except ValueError:
+        return 2
+
+
+def _status_error(status: int, message: str, where: str, *, retry_after: int = 2) -> InferenceError:
     if status in (429, 503):
-        return EngineBusy(f"{where} is busy ({status}): {message}")
+        return EngineBusy(f"{where} is busy ({status}): {message}", retry_after=retry_after)
     if 400 <= status < 500 and status not in (401, 403, 404):
         return InvalidRequest(f"{where} refused the request ({status}): {message}")
     return RemoteUnavailable(f"{where} answered {status}: {message}")

@@ -29,15 +29,28 @@ class InferenceError(Exception):
 
 
 class InvalidRequest(InferenceError):
-    """The request itself is wrong (a parameter out of range, an empty prompt)."""
+    """The request itself is wrong (a parameter out of range, an empty prompt).
+
+    ``param`` names the offending field when the check knows it (a dotted
+    path such as ``response_format.json_schema.schema.maxLength``).
+    """
 
     kind = "invalid_request"
 
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
 
 class EngineBusy(InferenceError):
-    """The model's queue is full; the caller may retry later."""
+    """The model's queue is full; the caller may retry after ``retry_after``
+    seconds (an estimate of when a place frees, at least 1)."""
 
     kind = "busy"
+
+    def __init__(self, message: str, *, retry_after: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
 
 
 class ContextLengthExceeded(InferenceError):
