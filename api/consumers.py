@@ -20,6 +20,7 @@ from typing import Any
 
 import pydantic
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
 
 from api.auth import authenticate, secret_from_scope
 from api.errors import ApiError, api_error_from
@@ -45,10 +46,14 @@ class OriginalChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         if self.task is not None and not self.task.done():
             await self._error("a reply is still streaming on this socket; wait for __END__")
             return
+        text = text_data if text_data is not None else (bytes_data or b"").decode("utf-8", "replace")
+        if len(text) > settings.CHATSITE_API_MAX_BODY_BYTES:
+            await self._error(f"the message is longer than {settings.CHATSITE_API_MAX_BODY_BYTES} bytes")
+            return
         try:
-            raw: Any = json.loads(text_data if text_data is not None else (bytes_data or b"").decode("utf-8"))
+            raw: Any = json.loads(text)
             body = ChatBody.model_validate(raw)
-        except (ValueError, pydantic.ValidationError) as exc:
+        except (ValueError, RecursionError, pydantic.ValidationError) as exc:
             await self._error(_invalid_body(exc))
             return
         self.task = asyncio.create_task(self._reply(body))
@@ -61,7 +66,7 @@ class OriginalChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
                 async for piece in reply.pieces():
                     await self.send(text_data=piece)
             finally:  # also when the socket closed (this task is cancelled)
-                await record_usage(caller.limits, reply)
+                await record_usage(reply)
             ended = reply.ended
             if ended is None or ended.finished is None or ended.error:
                 await self._error((ended.error if ended else "") or "generation failed")
@@ -77,6 +82,8 @@ class OriginalChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
 
 
 def _invalid_body(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "the message is nested too deeply to be read"
     if isinstance(exc, pydantic.ValidationError):
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first.get("loc", ()))

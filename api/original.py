@@ -129,7 +129,7 @@ async def _text_events(caller: Caller, reply: StartedReply) -> AsyncIterator[byt
     except Exception as exc:
         yield b"event: error\n" + text_event(api_error_from(exc).message)
     finally:  # also when the client went away (this task is cancelled)
-        await record_usage(caller.limits, reply)
+        await record_usage(reply)
 
 
 @api.post("/completions")
@@ -139,13 +139,13 @@ async def completions(request: HttpRequest, body: CompletionBody) -> Any:
     params = sampling_params(
         max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop
     )
-    reply = await start_stateless(model=model, params=params, prompt=body.prompt)
+    reply = await start_stateless(model=model, params=params, prompt=body.prompt, limits=caller.limits)
     if body.stream:
         return event_stream(_text_events(caller, reply))
     try:
         text = await reply.text()
     finally:
-        await record_usage(caller.limits, reply)
+        await record_usage(reply)
     ended = reply.ended
     if ended is None or ended.finished is None or ended.error:
         raise ApiError(500, (ended.error if ended else "") or "generation failed")
@@ -165,12 +165,14 @@ async def start_chat(caller: Caller, body: ChatBody) -> StartedReply:
         stop=body.stop,
     )
     if body.session_id is None:
-        return await start_stateless(model=model, params=params, messages=[ChatMessage("user", body.prompt)])
+        return await start_stateless(
+            model=model, params=params, messages=[ChatMessage("user", body.prompt)], limits=caller.limits
+        )
     conversation, question = await database_sync_to_async(open_turn)(
         user=caller.user, session_id=body.session_id, model=model, messages=[("user", body.prompt)]
     )
     return await start_in_conversation(
-        conversation=conversation, question=question, model=model, params=params
+        conversation=conversation, question=question, model=model, params=params, limits=caller.limits
     )
 
 

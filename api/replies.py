@@ -13,9 +13,16 @@ task, and the runner keeps what was generated as ``stopped``. A reply refused
 before it started is stored too, as an ``error`` reply saying why (as the
 site stores it), and still raised, so that the request gets its status.
 
-Whatever way a reply ends, the caller counts its tokens against the rate
-limits with :func:`record_usage`, in a ``finally``: a stream the client cut
-off counts what it had generated.
+Token budgets are exact: before a reply starts, the most tokens it may
+spend (its prompt, counted with the model's tokenizer, and its
+``max_tokens``) are reserved against the caller's limits, so that
+concurrent requests cannot spend past a budget; a reservation that does not
+fit is refused with 429 before anything is generated. Whatever way a reply
+ends, the caller settles it with :func:`record_usage`, in a ``finally``: the
+prompt and the tokens generated count, and the rest of the reservation is
+given back (a stream the client cut off counts what it had generated). A
+reply in a conversation is reserved and settled by its
+:class:`~chat.replies.ReplyRun`.
 """
 
 from __future__ import annotations
@@ -59,6 +66,10 @@ class StartedReply:
     conversation: Conversation | None = None
     # The pieces taken from the engine so far.
     streamed: int = 0
+    # The tokens held against the caller's limits (stateless replies; a
+    # conversation's runner holds its own), and the prompt they counted.
+    reservation: ratelimit.Reservation | None = None
+    prompt_tokens: int = 0
     _consumed: bool = field(default=False)
 
     @property
@@ -69,6 +80,15 @@ class StartedReply:
         tokens, the start of a stop string)."""
         finished = self.ended.finished if self.ended is not None else None
         return finished.completion_tokens if finished is not None else self.streamed
+
+    @property
+    def spent_tokens(self) -> int:
+        """Prompt and reply tokens together: the engine's counts, else the
+        counted prompt and the pieces streamed."""
+        finished = self.ended.finished if self.ended is not None else None
+        if finished is not None:
+            return finished.prompt_tokens + finished.completion_tokens
+        return self.prompt_tokens + self.streamed
 
     async def pieces(self) -> AsyncIterator[str]:
         """The text pieces, in order; :attr:`ended` is set when they stop."""
@@ -165,6 +185,8 @@ async def _run_events(run: ReplyRun) -> AsyncGenerator[str | Ended, None]:
                 generated = True
                 yield event.text
             elif isinstance(event, ReplyEnded):
+                if not generated and event.finished is None and event.refusal is not None:
+                    raise event.refusal
                 if not generated and event.finished is None and event.error_code:
                     raise refusal_error(event.error_code, event.error)
                 yield Ended(event.finished, event.error)
@@ -184,23 +206,63 @@ async def _start(
     return events, first
 
 
+async def _reserve(
+    *,
+    model: str,
+    params: SamplingParams,
+    limits: Sequence[ratelimit.Limit],
+    messages: list[ChatMessage] | None,
+    prompt: str | None,
+) -> tuple[ratelimit.Reservation | None, int]:
+    """Hold the most tokens a stateless reply may spend against ``limits``;
+    returns the reservation (None without token limits) and the prompt's
+    tokens as counted."""
+    if not any(limit.tokens_per_minute for limit in limits):
+        return None, 0
+    engine = registry.get_engine(model)
+    if messages:
+        # The model's own tokenizer and template: exact (off the loop: it may load the model).
+        prompt_tokens = await asyncio.to_thread(engine.count_prompt_tokens, messages)
+    else:
+        # A raw prompt: a token is at least one byte of text, and the model may
+        # add a start and an end token, so this is never below the real count.
+        prompt_tokens = len((prompt or "").encode("utf-8")) + 2
+    most = min(prompt_tokens + params.max_tokens, max(engine.n_ctx, prompt_tokens))
+    return await ratelimit.areserve_tokens(limits, most), prompt_tokens
+
+
 async def start_stateless(
     *,
     model: str,
     params: SamplingParams,
     messages: list[ChatMessage] | None = None,
     prompt: str | None = None,
+    limits: Sequence[ratelimit.Limit] = (),
 ) -> StartedReply:
-    """A reply to ``messages`` (chat) or a continuation of ``prompt`` (text)."""
+    """A reply to ``messages`` (chat) or a continuation of ``prompt`` (text),
+    with its tokens reserved against ``limits``."""
     request = GenerationRequest(messages or [], params, transport="api", prompt=prompt)
-    events, first = await _start(_engine_events(model, request))
-    return StartedReply(events=events, first=first)
+    reservation, prompt_tokens = await _reserve(
+        model=model, params=params, limits=limits, messages=messages, prompt=prompt
+    )
+    try:
+        events, first = await _start(_engine_events(model, request))
+    except BaseException:
+        await ratelimit.asettle(reservation, 0)
+        raise
+    return StartedReply(events=events, first=first, reservation=reservation, prompt_tokens=prompt_tokens)
 
 
 async def start_in_conversation(
-    *, conversation: Conversation, question: Message, model: str, params: SamplingParams
+    *,
+    conversation: Conversation,
+    question: Message,
+    model: str,
+    params: SamplingParams,
+    limits: Sequence[ratelimit.Limit] = (),
 ) -> StartedReply:
-    """The stored reply to ``question``, a user message of ``conversation``."""
+    """The stored reply to ``question``, a user message of ``conversation``;
+    its runner reserves and settles its tokens against ``limits``."""
     run = ReplyRun(
         conversation=conversation,
         parent=question,
@@ -208,17 +270,20 @@ async def start_in_conversation(
         transport="api",
         model_name=model,
         store_refusals=True,
+        limits=limits,
     )
     events, first = await _start(_run_events(run))
     return StartedReply(events=events, first=first, conversation=conversation)
 
 
-async def record_usage(limits: Sequence[ratelimit.Limit], reply: StartedReply) -> None:
-    """Count the reply's generated tokens against ``limits``. Call it once,
-    in a ``finally`` around the reply's iteration: a client that goes away
-    cancels that task, and its tokens count all the same (shielded, so that
-    a second cancel does not lose them)."""
-    await asyncio.shield(ratelimit.arecord_tokens(limits, reply.completion_tokens))
+async def record_usage(reply: StartedReply) -> None:
+    """Settle the reply's tokens against the limits they were reserved
+    against: call it once, in a ``finally`` around the reply's iteration. A
+    client that goes away cancels that task, and its tokens count all the
+    same (the settlement is shielded). A reply in a conversation settles in
+    its runner, and has no reservation here."""
+    if reply.reservation is not None:
+        await ratelimit.asettle(reply.reservation, reply.spent_tokens)
 
 
 __all__ = ["Ended", "InferenceError", "StartedReply", "check_model", "record_usage", "sampling_params"]
