@@ -2,7 +2,9 @@
 
 A request with a session id continues the caller's conversation of that id,
 or starts one (the id is kept as its ``external_id``, so the same id finds it
-again, and it appears in the user's sidebar on the site). The request's
+again, and it appears in the user's sidebar on the site). Session ids are the
+user's own: an id another user took answers exactly as an unknown one (a new
+conversation of the caller's), so that none can be probed. The request's
 system messages set the conversation's system prompt; its other messages are
 appended to the shown branch, and the last of them must be the user's, the
 question the reply answers. Blocking (database): call through
@@ -13,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import IntegrityError
+from django.db import IntegrityError, transaction
 
 from api.errors import ApiError
-from api.selectors import access_api_conversation, session_id_is_taken
+from api.selectors import access_api_conversation
 from chat import services
 from chat.models import Conversation, Message
 
@@ -28,25 +31,11 @@ def open_conversation(*, user: AbstractBaseUser, session_id: str, model: str) ->
         return access_api_conversation(user=user, session_id=session_id)
     except Conversation.DoesNotExist:
         pass
-    if session_id_is_taken(session_id):
-        raise ApiError(
-            400,
-            f"The session id {session_id!r} is not available; choose another one.",
-            param="session_id",
-            code="session_id_unavailable",
-        )
     try:
-        return services.do_start_conversation(model_name=model, owner=user, external_id=session_id)
-    except IntegrityError:  # created by a concurrent request
-        try:
-            return access_api_conversation(user=user, session_id=session_id)
-        except Conversation.DoesNotExist:
-            raise ApiError(
-                400,
-                f"The session id {session_id!r} is not available; choose another one.",
-                param="session_id",
-                code="session_id_unavailable",
-            ) from None
+        with transaction.atomic():
+            return services.do_start_conversation(model_name=model, owner=user, external_id=session_id)
+    except IntegrityError:  # created by a concurrent request of the same user
+        return access_api_conversation(user=user, session_id=session_id)
 
 
 def add_turns(
@@ -64,11 +53,19 @@ def add_turns(
         )
     if any(not content.strip() for role, content in turns if role == "user"):
         raise ApiError(400, "A user message needs some text.", param=param)
-    if system and "\n\n".join(system) != conversation.system_prompt:
+    prompt = "\n\n".join(system)
+    if len(prompt) > settings.CHATSITE_MAX_SYSTEM_PROMPT_CHARS:
+        raise ApiError(
+            400,
+            f"The system messages are {len(prompt)} characters long; a conversation's system prompt "
+            f"takes at most {settings.CHATSITE_MAX_SYSTEM_PROMPT_CHARS}.",
+            param=param,
+        )
+    if system and prompt != conversation.system_prompt:
         services.do_update_conversation_settings(
             conversation=conversation,
             model_name=conversation.model_name,
-            system_prompt="\n\n".join(system),
+            system_prompt=prompt,
             temperature=conversation.temperature,
             max_tokens=conversation.max_tokens,
         )

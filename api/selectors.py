@@ -31,14 +31,6 @@ def access_api_conversation(*, user: AbstractBaseUser, session_id: str) -> Conve
     return found
 
 
-def session_id_is_taken(session_id: str) -> bool:
-    """Whether any conversation (of anyone) already answers to this session id."""
-    taken = Conversation.objects.filter(external_id=session_id)
-    with contextlib.suppress(ValueError):
-        taken |= Conversation.objects.filter(pk=uuid.UUID(session_id))
-    return taken.exists()
-
-
 def api_conversations(user: AbstractBaseUser) -> QuerySet[Conversation]:
     """The user's conversations, newest first, with ``message_count``."""
     return conversations_of(user=user, session_key=None)

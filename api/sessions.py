@@ -1,9 +1,13 @@
 """The caller's conversations as sessions.json: export, import, delete.
 
-Blocking (database): call through ``database_sync_to_async``. An import is
-all-or-nothing, as the ``import_sessions`` command is; every conversation it
-writes belongs to the caller, whatever owner the file names, and it refuses a
-file that would skip or replace a conversation of someone else.
+Blocking: call the database functions through ``database_sync_to_async``,
+and :func:`read_import` (parsing and checking a file, which touches no
+database) through ``asyncio.to_thread``, so that a big file never holds the
+thread that serves every database call. An import is all-or-nothing, as the
+``import_sessions`` command is; every conversation it writes belongs to the
+caller, whatever owner the file names, and only the caller's conversations
+are skipped or replaced (:func:`chat.sessions_io.import_sessions` with
+``owner``): nothing in its answer depends on anyone else's conversations.
 """
 
 from __future__ import annotations
@@ -37,20 +41,24 @@ def export_conversation(*, user: AbstractBaseUser, session_id: str, format: sess
     return sessions_io.export_data(Conversation.objects.filter(pk=conversation.pk), format=format)
 
 
-def import_for_user(*, user: AbstractBaseUser, raw: bytes, replace: bool) -> sessions_io.ImportResult:
+def _refused(exc: sessions_io.SessionsFileError) -> ApiError:
+    return ApiError(400, f"{exc}. Nothing was imported.", param="body", code="invalid_sessions_file")
+
+
+def read_import(raw: bytes) -> list[sessions_io.ConversationPlan]:
+    """The plans of a sessions file, checked (no database)."""
     try:
         data = sessions_io.parse_sessions(raw)
-        plans = sessions_io.validate_sessions(data, model_name=settings.CHATSITE_DEFAULT_MODEL)
-        for plan in plans:
-            plan.owner_username = user.get_username()
-            plan.session_owner = ""
-        for name, found in sessions_io.existing_matches(plans).items():
-            if any(conversation.owner_id != user.pk for conversation in found):
-                raise sessions_io.SessionsFileError(
-                    f"session {name!r}: this session id is not available; rename it in the file"
-                )
-        return sessions_io.import_sessions(plans, replace=replace)
+        return sessions_io.validate_sessions(data, model_name=settings.CHATSITE_DEFAULT_MODEL)
     except sessions_io.SessionsFileError as exc:
-        raise ApiError(
-            400, f"{exc}. Nothing was imported.", param="body", code="invalid_sessions_file"
-        ) from None
+        raise _refused(exc) from None
+
+
+def write_import(
+    *, user: AbstractBaseUser, plans: list[sessions_io.ConversationPlan], replace: bool
+) -> sessions_io.ImportResult:
+    """Write checked plans as the user's conversations (database)."""
+    try:
+        return sessions_io.import_sessions(plans, replace=replace, owner=user)
+    except sessions_io.SessionsFileError as exc:
+        raise _refused(exc) from None

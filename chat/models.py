@@ -46,15 +46,19 @@ class Conversation(ExportModelOperationsMixin("conversation"), models.Model):  #
             "does (valid only with this site's SECRET_KEY)."
         ),
     )
-    # The session id of a conversation imported from sessions.json, kept so that
-    # exporting gives the same ids back and importing again recognises it.
-    external_id = models.CharField(
+    # The session id of a conversation imported from sessions.json or named by
+    # an API request, kept so that exporting gives the same ids back and the
+    # same id finds it again. Unique per owner (see Meta.constraints): each
+    # user has session ids of their own, so that nobody learns which ids
+    # another user took. NULL (not "") when there is none: the unique
+    # constraints must not count conversations that have no session id.
+    external_id = models.CharField(  # noqa: DJ001
         "session id",
         max_length=255,
-        unique=True,
         null=True,
         blank=True,
-        help_text="The id this conversation had in an imported sessions.json file.",
+        db_index=True,
+        help_text="The id this conversation has in sessions.json files and the API (unique per owner).",
     )
     title = models.CharField(max_length=200, blank=True)
     model_name = models.CharField("model", max_length=100)
@@ -86,6 +90,19 @@ class Conversation(ExportModelOperationsMixin("conversation"), models.Model):  #
                 name="conversation_owner_or_session_owner",
                 violation_error_message="A conversation belongs to a user or to a session, not both.",
             ),
+            models.UniqueConstraint(
+                fields=["owner", "external_id"],
+                name="conversation_session_id_per_owner",
+                violation_error_message="This user already has a conversation with this session id.",
+            ),
+            # NULLs are distinct in a unique constraint: conversations without
+            # a user (imported, or of an anonymous session) share one namespace.
+            models.UniqueConstraint(
+                fields=["external_id"],
+                condition=Q(owner__isnull=True),
+                name="conversation_session_id_without_owner",
+                violation_error_message="A conversation without an owner already has this session id.",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -95,8 +112,9 @@ class Conversation(ExportModelOperationsMixin("conversation"), models.Model):  #
     def session_id(self) -> str:
         """The id this conversation has in a sessions.json file and in the API.
 
-        No two conversations share one: an import refuses a session id that
-        is another conversation's UUID, and a UUID that is another's session id.
+        No two conversations of one owner share one: an import refuses a
+        session id that is another conversation's UUID, and a UUID that is
+        another's session id.
         """
         return self.external_id or str(self.id)
 
@@ -136,6 +154,11 @@ class Message(ExportModelOperationsMixin("message"), models.Model):  # type: ign
     )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)
+    # The content rendered for the page (Markdown, sanitized: chat.rendering),
+    # kept so that a message is rendered once, not on every view; valid while
+    # html_version is chat.rendered.HTML_VERSION (0: not rendered yet).
+    html = models.TextField(blank=True, editable=False)
+    html_version = models.PositiveSmallIntegerField(default=0, editable=False)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
     model_name = models.CharField(
         "model", max_length=100, blank=True, help_text="The model that wrote this reply."

@@ -51,11 +51,12 @@ from chat.sessions_io.formats import (
     TITLE_MAX,
     ConversationPlan,
     Format,
+    ImportLimits,
     MessagePlan,
     SessionsExportError,
     SessionsFileError,
 )
-from chat.sessions_io.importing import ImportResult, existing_matches, import_sessions
+from chat.sessions_io.importing import ImportResult, ImportsBusy, existing_matches, import_sessions
 from chat.sessions_io.parsing import parse_sessions
 from chat.sessions_io.validation import DERIVED_TITLE_LENGTH, detect_format, validate_sessions
 
@@ -77,7 +78,9 @@ __all__ = [
     "TITLE_MAX",
     "ConversationPlan",
     "Format",
+    "ImportLimits",
     "ImportResult",
+    "ImportsBusy",
     "MessagePlan",
     "SessionsExportError",
     "SessionsFileError",

@@ -27,6 +27,27 @@ SESSION_OWNER_LENGTH = Conversation._meta.get_field("session_owner").max_length 
 FINISH_REASON_MAX = Message._meta.get_field("finish_reason").max_length or 16
 
 
+@dataclass(frozen=True)
+class ImportLimits:
+    """How big an import may be: the file's bytes, its messages in all, and
+    the characters of one message's text (a reply may be far longer than a
+    typed message). Each is a setting (``chat.import_max_*``)."""
+
+    max_bytes: int
+    max_messages: int
+    max_message_chars: int
+
+    @classmethod
+    def from_settings(cls) -> ImportLimits:
+        from django.conf import settings
+
+        return cls(
+            max_bytes=settings.CHATSITE_IMPORT_MAX_BYTES,
+            max_messages=settings.CHATSITE_IMPORT_MAX_MESSAGES,
+            max_message_chars=settings.CHATSITE_IMPORT_MAX_MESSAGE_CHARS,
+        )
+
+
 class SessionsFileError(ValueError):
     """A sessions file cannot be imported. The message says where and why;
     nothing was written."""

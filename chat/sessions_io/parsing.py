@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from chat.sessions_io.formats import SessionsFileError
+from chat.sessions_io.formats import ImportLimits, SessionsFileError
 
 
 class _JSONObject(dict[str, Any]):
@@ -29,8 +29,16 @@ def _reject_constant(name: str) -> Any:
     raise SessionsFileError(f"the file is not valid JSON: {name} is not a JSON number")
 
 
-def parse_sessions(raw: bytes | str) -> Any:
-    """The JSON value of a sessions file (UTF-8, a byte order mark allowed)."""
+def parse_sessions(raw: bytes | str, *, limits: ImportLimits | None = None) -> Any:
+    """The JSON value of a sessions file (UTF-8, a byte order mark allowed),
+    no larger than ``limits.max_bytes`` (by default the settings')."""
+    limits = limits or ImportLimits.from_settings()
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    if size > limits.max_bytes:
+        raise SessionsFileError(
+            f"the file is {size} bytes long; an import takes at most {limits.max_bytes} "
+            "(chat.import_max_bytes): split it into smaller files"
+        )
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8-sig")

@@ -31,6 +31,7 @@ from chat.sessions_io.formats import (
     TITLE_MAX,
     ConversationPlan,
     Format,
+    ImportLimits,
     MessagePlan,
     SessionsFileError,
     session_label,
@@ -176,23 +177,50 @@ def validate_sessions(
     format: Format | Literal["auto"] = "auto",
     model_name: str,
     now: dt.datetime | None = None,
+    limits: ImportLimits | None = None,
 ) -> list[ConversationPlan]:
     """Check a parsed sessions file and return what to write, in file order.
 
     Reads nothing from the database. ``model_name`` is the model of the
     conversations of an original-format file (which does not name one); their
     times start at ``now`` and grow by a microsecond per row, so that the
-    file's order survives. Raises :class:`SessionsFileError` at the first
-    problem.
+    file's order survives. ``limits`` (by default the settings') bound the
+    number of messages and the length of each text. Raises
+    :class:`SessionsFileError` at the first problem.
     """
     now = now or timezone.now()
+    limits = limits or ImportLimits.from_settings()
+    _check_message_count(data, limits.max_messages)
     chosen = detect_format(data) if format == "auto" else format
+    # The longest text of a message (its content, error) or a system prompt.
+    max_chars = limits.max_message_chars
     if chosen == "full":
-        plans = _validate_full(data, default_model=model_name, now=now)
+        plans = _validate_full(data, default_model=model_name, now=now, max_chars=max_chars)
     else:
-        plans = _validate_original(data, model_name=model_name, now=now)
+        plans = _validate_original(data, model_name=model_name, now=now, max_chars=max_chars)
     _check_session_ids_are_distinct(plans)
     return plans
+
+
+def _check_message_count(data: Any, limit: int) -> None:
+    """Refuse a file with more than ``limit`` messages, before checking any."""
+    if isinstance(data, dict) and data.get("format") == FULL_FORMAT:
+        conversations = data.get("conversations")
+        lists = (
+            [c.get("messages") for c in conversations if isinstance(c, dict)]
+            if isinstance(conversations, list)
+            else []
+        )
+    elif isinstance(data, dict):
+        lists = list(data.values())
+    else:
+        return
+    count = sum(len(messages) for messages in lists if isinstance(messages, list))
+    if count > limit:
+        raise SessionsFileError(
+            f"the file has {count} messages; an import takes at most {limit} "
+            "(chat.import_max_messages): split it into smaller files"
+        )
 
 
 def _check_session_ids_are_distinct(plans: Sequence[ConversationPlan]) -> None:
@@ -220,7 +248,9 @@ def _derived_title(messages: Sequence[MessagePlan]) -> str:
     return ""
 
 
-def _validate_original(data: Any, *, model_name: str, now: dt.datetime) -> list[ConversationPlan]:
+def _validate_original(
+    data: Any, *, model_name: str, now: dt.datetime, max_chars: int
+) -> list[ConversationPlan]:
     top = _Checker("the file")
     duplicates = getattr(data, "duplicate_keys", [])
     if duplicates:
@@ -255,7 +285,7 @@ def _validate_original(data: Any, *, model_name: str, now: dt.datetime) -> list[
                     id=uuid.uuid4(),
                     parent_id=message_plans[-1].id if message_plans else None,
                     role=where.choice(item["role"], "role", ROLES),
-                    content=where.text(item["content"], "content"),
+                    content=where.text(item["content"], "content", max_length=max_chars),
                     created_at=next_time(),
                 )
             )
@@ -308,7 +338,9 @@ _MESSAGE_KEYS = (
 )
 
 
-def _validate_full(data: Any, *, default_model: str, now: dt.datetime) -> list[ConversationPlan]:
+def _validate_full(
+    data: Any, *, default_model: str, now: dt.datetime, max_chars: int
+) -> list[ConversationPlan]:
     top = _Checker("the file")
     document = top.object(
         data,
@@ -330,7 +362,9 @@ def _validate_full(data: Any, *, default_model: str, now: dt.datetime) -> list[C
     seen_sessions: dict[str, str] = {}
     seen_messages: dict[uuid.UUID, str] = {}
     for index, raw in enumerate(conversations):
-        plan = _validate_full_conversation(raw, index, default_model=default_model, now=now)
+        plan = _validate_full_conversation(
+            raw, index, default_model=default_model, now=now, max_chars=max_chars
+        )
         label = _session_label(plan.name)
         if plan.id in seen_conversations:
             raise SessionsFileError(
@@ -354,7 +388,7 @@ def _validate_full(data: Any, *, default_model: str, now: dt.datetime) -> list[C
 
 
 def _validate_full_conversation(
-    raw: Any, index: int, *, default_model: str, now: dt.datetime
+    raw: Any, index: int, *, default_model: str, now: dt.datetime, max_chars: int
 ) -> ConversationPlan:
     where = _Checker(f"conversation index {index}")
     item = where.object(raw, "an object", _CONVERSATION_KEYS, ("id", "messages"))
@@ -383,7 +417,9 @@ def _validate_full_conversation(
     positions: dict[uuid.UUID, int] = {}
     later_ids = _ids_if_valid(messages)
     for position, raw_message in enumerate(messages):
-        plan = _validate_full_message(raw_message, f"{where.where}, message index {position}", created_at)
+        plan = _validate_full_message(
+            raw_message, f"{where.where}, message index {position}", created_at, max_chars
+        )
         at = _Checker(f"{where.where}, message index {position}")
         if plan.id in positions:
             raise at.fail(f"id {plan.id} is also the id of message index {positions[plan.id]}")
@@ -408,7 +444,7 @@ def _validate_full_conversation(
         owner_username=owner,
         session_owner=session_owner,
         model_name=where.text(item.get("model", default_model), '"model"', max_length=MODEL_MAX, empty=False),
-        system_prompt=where.text(item.get("system_prompt", ""), '"system_prompt"'),
+        system_prompt=where.text(item.get("system_prompt", ""), '"system_prompt"', max_length=max_chars),
         created_at=created_at,
         updated_at=updated_at,
         current_leaf_id=current_leaf_id,
@@ -425,7 +461,9 @@ def _ids_if_valid(messages: list[Any]) -> set[uuid.UUID]:
     return ids
 
 
-def _validate_full_message(raw: Any, where_text: str, default_time: dt.datetime) -> MessagePlan:
+def _validate_full_message(
+    raw: Any, where_text: str, default_time: dt.datetime, max_chars: int
+) -> MessagePlan:
     where = _Checker(where_text)
     item = where.object(raw, "an object", _MESSAGE_KEYS, ("id", "role", "content"))
     parent = item.get("parent")
@@ -437,13 +475,13 @@ def _validate_full_message(raw: Any, where_text: str, default_time: dt.datetime)
         id=where.uuid(item["id"], '"id"'),
         parent_id=None if parent is None else where.uuid(parent, '"parent"'),
         role=where.choice(item["role"], "role", ROLES),
-        content=where.text(item["content"], "content"),
+        content=where.text(item["content"], "content", max_length=max_chars),
         status=status,
         model_name=where.text(item.get("model", ""), '"model"', max_length=MODEL_MAX),
         finish_reason=where.text(
             item.get("finish_reason", ""), '"finish_reason"', max_length=FINISH_REASON_MAX
         ),
-        error=where.text(item.get("error", ""), '"error"'),
+        error=where.text(item.get("error", ""), '"error"', max_length=max_chars),
         prompt_tokens=where.count(item.get("prompt_tokens"), '"prompt_tokens"'),
         completion_tokens=where.count(item.get("completion_tokens"), '"completion_tokens"'),
         time_to_first_token=where.measure(item.get("time_to_first_token"), '"time_to_first_token"'),

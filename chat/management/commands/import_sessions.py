@@ -70,6 +70,8 @@ class Command(BaseCommand):
             result = sessions_io.import_sessions(plans, replace=options["replace"])
         except sessions_io.SessionsFileError as exc:
             raise CommandError(f"{source}: {exc}. Nothing was imported.") from None
+        except sessions_io.ImportsBusy as exc:
+            raise CommandError(f"{source}: {exc}.") from None
 
         self.stdout.write(
             self.style.SUCCESS(

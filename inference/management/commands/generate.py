@@ -91,7 +91,11 @@ class Command(BaseCommand):
         from chat.replies import ReplyEnded, ReplyRun, ReplyText, sampling_for
 
         key = options["conversation"]
-        conversation = Conversation.objects.filter(external_id=key).first()
+        named = list(Conversation.objects.filter(external_id=key)[:2])
+        if len(named) > 1:
+            # Session ids are unique per owner: two users may both have this one.
+            raise CommandError(f"several conversations have the session id {key!r}; give its UUID instead")
+        conversation = named[0] if named else None
         if conversation is None:
             with contextlib.suppress(ValueError):
                 conversation = Conversation.objects.filter(pk=uuid.UUID(key)).first()
