@@ -26,9 +26,13 @@ from django.urls import reverse
 from django.utils.safestring import SafeString
 
 from chat import services, sessions_io
+from chat.forms import AdminLoginForm
 from chat.models import Conversation, Message
 from chat.selectors import MessageTree, message_tree
 from inference import registry
+
+# The admin's sign-in is throttled as the site's is (chat.forms.ThrottledLogin).
+admin.site.login_form = AdminLoginForm
 
 if TYPE_CHECKING:
     # ModelAdmin is generic only in django-stubs (django-stubs-ext, which

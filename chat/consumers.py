@@ -22,24 +22,29 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.template.loader import render_to_string
 from django.urls import reverse
 
-from chat import frames, services, titles
+from chat import frames, rendered, services, titles
 from chat.frames import FrameError
 from chat.models import Conversation, Message
-from chat.rendering import render_markdown
 from chat.replies import ReplyEnded, ReplyRun, ReplyStarted, ReplyText, sampling_for
-from chat.selectors import access_conversation, branch_for_display
+from chat.selectors import BranchDisplay, access_conversation, branch_for_display
 from chatsite import ratelimit
+from chatsite.middleware import renew_session, session_exists
 from inference.types import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
 # How often the reply's text so far is sent rendered as HTML while it streams
-# (the page formats it at least twice a second).
+# (the page formats it at least twice a second)...
 RENDER_INTERVAL = 0.3
+# ...but rendering takes at most a tenth of the reply's time: each render of
+# the text so far costs more as the reply grows (linear in its length), so
+# the next waits ten times as long as the last took. The page shows the
+# streamed text as it comes in between.
+RENDER_SHARE = 0.1
 # How long closing the socket waits for the reply to be stored as stopped.
 STOP_TIMEOUT = 30.0
 
@@ -56,6 +61,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         self.title_tasks: set[asyncio.Task[None]] = set()
         self.closed = False
         self.limits = ratelimit.websocket_limits(self.scope)
+        self.frame_limits = ratelimit.websocket_frame_limits(self.scope)
         user = self.scope.get("user")
         if user is not None and user.is_authenticated:
             self.user = user
@@ -64,11 +70,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             return
         else:
             session = self.scope.get("session")
-            self.session_key = (session.session_key if session is not None else None) or ""
-            if not self.session_key:
-                # The page creates the session; a socket without one owns nothing.
+            if session is None or not await database_sync_to_async(_renew_stored_session)(session):
+                # The page creates the session (POST /session) before its first
+                # message; a socket without a stored one owns nothing.
                 await self.close(code=4403)
                 return
+            self.session_key = session.session_key
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
@@ -87,6 +94,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
             frame = frames.parse(text_data, bytes_data)
+            if frame["type"] != "stop":  # stopping a reply is never refused
+                await self.count_frame()
             handler = getattr(self, f"on_{frame['type']}")
             await handler(frame)
         except FrameError as exc:
@@ -97,11 +106,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             await self.send_error("not_found", "No such message in this conversation.")
         except (InvalidRequest, ValueError) as exc:
             await self.send_error("invalid", str(exc))
+        except DatabaseError as exc:
+            # A locked SQLite database, a dropped PostgreSQL connection: the
+            # frame did nothing (each write is one transaction); it may be sent again.
+            logger.warning("a chat frame met a database error: %s", exc)
+            await self.send_error("unavailable", "The server is busy; try again in a moment.")
 
     async def on_send(self, frame: dict[str, Any]) -> None:
         content = frames.message_text(frame, "content")
         model_name = frames.model_name(frame)
-        system_prompt = frames.optional_text(frame, "system_prompt", settings.CHATSITE_MAX_MESSAGE_CHARS)
+        system_prompt = frames.optional_text(
+            frame, "system_prompt", settings.CHATSITE_MAX_SYSTEM_PROMPT_CHARS
+        )
         overrides = frames.sampling_overrides(frame)
         await self.ensure_idle()
         conversation_id = frames.optional_uuid(frame, "conversation")
@@ -168,6 +184,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         with contextlib.suppress(Exception):
             await task
 
+    async def count_frame(self) -> None:
+        """Count a frame against this session's frames per minute: each may
+        read the database and render a branch."""
+        try:
+            await ratelimit.acheck_request(self.frame_limits)
+        except ratelimit.RateLimited as exc:
+            raise FrameError("rate_limited", exc.message) from None
+
     async def count_request(self) -> None:
         """Count a reply against this session's and address's budgets (after
         every other check, before anything is written)."""
@@ -228,6 +252,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             params=params,
             transport="websocket",
             model_name=model_name,
+            limits=self.limits,
         )
         self.run_conversation_id = conversation.pk
         self.reply_task = asyncio.create_task(self.stream_reply(self.run, conversation, parent))
@@ -246,11 +271,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
                             {"type": "delta", "reply": str(run.reply_id), "text": event.text}
                         )
                         if loop.time() >= next_render:
-                            html = await asyncio.to_thread(render_markdown, "".join(text))
+                            started = loop.time()
+                            html = await rendered.arender("".join(text))
+                            took = loop.time() - started
                             await self.send_frame(
                                 {"type": "render", "reply": str(run.reply_id), "html": html}
                             )
-                            next_render = loop.time() + RENDER_INTERVAL
+                            next_render = loop.time() + max(RENDER_INTERVAL, took / RENDER_SHARE)
                     elif isinstance(event, ReplyStarted):
                         await self.send_branch(conversation.pk)
                         await self.send_frame(
@@ -271,8 +298,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         finally:
             self.run = None
             self.run_conversation_id = None
-        if ended is not None and ended.reply.completion_tokens:
-            await ratelimit.arecord_tokens(self.limits, ended.reply.completion_tokens)
         if ended is not None and ended.reply.status == Message.Status.COMPLETE:
             self.start_title(conversation.pk)
 
@@ -295,7 +320,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     # -- frames out ----------------------------------------------------------------
 
     async def send_branch(self, conversation_id: uuid.UUID) -> None:
-        html = await database_sync_to_async(render_branch)(conversation_id)
+        html = await render_branch(conversation_id)
         await self.send_frame({"type": "branch", "conversation": str(conversation_id), "html": html})
 
     async def send_error(self, code: str, message: str) -> None:
@@ -329,14 +354,35 @@ def start_conversation(*, temperature: float | None, max_tokens: int | None, **f
     return conversation
 
 
-def render_branch(conversation_id: uuid.UUID) -> str:
-    conversation = Conversation.objects.get(pk=conversation_id)
-    return render_to_string("chat/_branch.html", branch_for_display(conversation))
+def _renew_stored_session(session: Any) -> bool:
+    """Whether the socket's session is stored; its expiry moves forward
+    while it is used (at most one write a day, as for the pages)."""
+    if not session_exists(session):
+        return False
+    if renew_session(session):
+        session.save()
+    return True
+
+
+def _branch_of(conversation_id: uuid.UUID) -> BranchDisplay:
+    return branch_for_display(Conversation.objects.get(pk=conversation_id))
+
+
+async def render_branch(conversation_id: uuid.UUID) -> str:
+    """The shown branch as HTML: read in the database thread, rendered (the
+    messages' Markdown when not kept yet, then the template) in the render
+    pool, never in the thread that serves every database call."""
+    branch = await database_sync_to_async(_branch_of)(conversation_id)
+    await rendered.ensure_html([entry.message for entry in branch["entries"]])
+    return await rendered.in_pool(render_to_string, "chat/_branch.html", branch)
 
 
 async def done_frame(event: ReplyEnded) -> dict[str, Any]:
     reply = event.reply
-    html = await asyncio.to_thread(render_markdown, reply.content)
+    if reply.html_version == rendered.HTML_VERSION:
+        html = reply.html
+    else:
+        html = await rendered.arender(reply.content)
     return {
         "type": "done",
         "reply": str(reply.pk),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypedDict
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
@@ -204,7 +205,15 @@ def conversations_of(
     return conversations.annotate(message_count=Count("messages")).order_by("-updated_at")
 
 
-def branch_for_display(conversation: Conversation) -> dict[str, object]:
+class BranchDisplay(TypedDict):
+    """The context of ``templates/chat/_branch.html``."""
+
+    conversation: Conversation
+    entries: list[BranchEntry]
+    view_starts_at: uuid.UUID | None
+
+
+def branch_for_display(conversation: Conversation) -> BranchDisplay:
     """What ``templates/chat/_branch.html`` shows of a conversation (one query).
 
     ``entries``: the shown branch with sibling positions; ``view_starts_at``:

@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from chat.models import Conversation, Message
 from chat.owners import session_owner_token
+from chat.rendered import HTML_VERSION
 from chat.selectors import MessageTree, message_tree
 
 # The statuses a finished reply may end with.
@@ -148,12 +149,14 @@ def do_finish_reply(
     tokens_per_second: float | None = None,
     error: str = "",
     context_starts_at: uuid.UUID | None = None,
+    rendered: tuple[str, str] | None = None,
 ) -> Message:
     """Close a streaming reply as complete, stopped or error, with its counts.
 
     ``message`` is reloaded (its content is what the database holds). A reply
     that is no longer streaming (marked interrupted meanwhile) keeps its status
-    and gets only the counts.
+    and gets only the counts. ``rendered`` is ``(text, html)``: the reply's
+    HTML, kept when ``text`` is the content stored (:mod:`chat.rendered`).
     """
     if status not in FINAL_STATUSES:
         raise ValueError(f"a reply finishes as {', '.join(FINAL_STATUSES)}, not {status!r}")
@@ -167,8 +170,12 @@ def do_finish_reply(
     current.tokens_per_second = tokens_per_second
     current.error = error
     current.context_starts_at = context_starts_at
+    if rendered is not None and rendered[0] == current.content:
+        current.html, current.html_version = rendered[1], HTML_VERSION
     current.save(
         update_fields=[
+            "html",
+            "html_version",
             "context_starts_at",
             "status",
             "finish_reason",
@@ -444,8 +451,11 @@ def do_edit_message_from_admin(*, message: Message, content: str, status: str) -
     """
     current = Message.objects.select_for_update().get(pk=message.pk)
     check_admin_message_change(message=current, content=content, status=status)
+    if content != current.content:
+        # Rendered again when next shown.
+        current.html, current.html_version = "", 0
     current.content = content
     current.status = status
-    current.save(update_fields=["content", "status"])
+    current.save(update_fields=["content", "status", "html", "html_version"])
     Conversation.objects.filter(pk=current.conversation_id).update(updated_at=timezone.now())
     return current

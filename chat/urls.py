@@ -10,6 +10,7 @@ from chat import views
 urlpatterns = [
     path("", views.home, name="home"),
     path("new", views.new_conversation, name="new_conversation"),
+    path("session", views.start_session, name="start_session"),
     path("conversations/", views.conversation_list, name="conversation_list"),
     path("c/<uuid:conversation_id>/", views.conversation, name="conversation"),
     path("c/<uuid:conversation_id>/rename", views.rename_conversation, name="rename_conversation"),

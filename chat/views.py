@@ -29,34 +29,51 @@ from django.utils.http import content_disposition_header, url_has_allowed_host_a
 from django.utils.text import slugify
 from django.views.decorators.http import require_GET, require_POST
 
-from chat import selectors, services, sessions_io
-from chat.forms import ConversationSettingsForm, RenameForm
+from chat import rendered, selectors, services, sessions_io
+from chat.forms import ConversationSettingsForm, LoginForm, RenameForm
 from chat.models import Conversation
+from chatsite.middleware import renew_session, session_exists
 
 View = TypeVar("View", bound=Callable[..., HttpResponseBase])
 
 
 def chat_view(view: View) -> View:
     """Make a view of the chat site: anonymous visitors are sent to the login
-    page when ``CHATSITE_REQUIRE_LOGIN`` is on; otherwise their session is made
-    to exist before the view runs, because an anonymous browser owns its
-    conversations by its session key, and the WebSocket (which knows the
-    browser by the same cookie) must see the same owner as the page."""
+    page when ``CHATSITE_REQUIRE_LOGIN`` is on.
+
+    An anonymous browser owns its conversations by its session key, which the
+    WebSocket knows by the same cookie; the session is made only when the
+    browser first sends a message (:func:`start_session`), so that visits,
+    crawlers and probes leave nothing behind."""
 
     @wraps(view)
     def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-        if not request.user.is_authenticated:
-            if settings.CHATSITE_REQUIRE_LOGIN:
-                return redirect_to_login(request.get_full_path())
-            if not request.session.session_key:
-                request.session.save()
+        if not request.user.is_authenticated and settings.CHATSITE_REQUIRE_LOGIN:
+            return redirect_to_login(request.get_full_path())
         return view(request, *args, **kwargs)
 
     return cast(View, wrapper)
 
 
+def _has_session(request: HttpRequest) -> bool:
+    """Whether the browser has a stored session (a signed-in user has one)."""
+    return bool(request.user.is_authenticated or session_exists(request.session))
+
+
+@require_POST
+@chat_view
+def start_session(request: HttpRequest) -> JsonResponse:
+    """Make the browser's session (and its cookie) before its first message:
+    the page calls it, then opens the WebSocket, which needs one."""
+    renew_session(request.session, create=True)
+    return JsonResponse({"session": True})
+
+
 def _owner(request: HttpRequest) -> dict[str, Any]:
-    """The ``user`` and ``session_key`` arguments of the selectors."""
+    """The ``user`` and ``session_key`` arguments of the selectors (a cookie
+    naming no stored session owns nothing)."""
+    if request.user.is_authenticated or not session_exists(request.session):
+        return {"user": request.user, "session_key": None}
     return {"user": request.user, "session_key": request.session.session_key}
 
 
@@ -117,10 +134,16 @@ def _chat_page(
         "default_temperature": 0.8,
         "default_max_tokens": settings.CHATSITE_DEFAULT_MAX_TOKENS,
         "max_message_chars": settings.CHATSITE_MAX_MESSAGE_CHARS,
+        "max_system_prompt_chars": settings.CHATSITE_MAX_SYSTEM_PROMPT_CHARS,
         "placeholder_id": uuid.UUID(int=0),
+        "has_session": _has_session(request),
     }
     if conversation is not None:
-        context.update(selectors.branch_for_display(conversation))
+        branch = selectors.branch_for_display(conversation)
+        # In this request's own thread (Django gives each request one), never
+        # the thread that serves the consumers' database calls.
+        rendered.ensure_html_now([entry.message for entry in branch["entries"]])
+        context.update(branch)
     return render(request, "chat/chat.html", context, status=status)
 
 
@@ -249,6 +272,7 @@ class LoginView(auth_views.LoginView):
 
     template_name = "registration/login.html"
     redirect_authenticated_user = True
+    form_class = LoginForm
 
     def form_valid(self, form: AuthenticationForm) -> HttpResponse:
         # Logging in gives the session a new key: remember the old one first.

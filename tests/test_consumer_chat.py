@@ -14,6 +14,7 @@ from chat import services
 from chat.models import Conversation, Message
 from chat.owners import session_owner_token
 from chat.selectors import shown_branch
+from chatsite import ratelimit
 from inference import registry
 from tests.consumer_helpers import ChatClient, deltas, greedy, new_session
 
@@ -352,14 +353,15 @@ async def test_it_limits_the_replies_a_session_asks_for_and_keeps_the_socket_ope
 
 
 @override_settings(CHATSITE_RATELIMIT_SESSION_TOKENS_PER_MINUTE=5)
-async def test_it_limits_the_tokens_a_session_is_sent() -> None:
+async def test_it_refuses_a_reply_that_could_spend_more_than_the_session_budget() -> None:
     client = await connected_client()
-    done, before = await client.reply(
-        type="send", conversation=None, content="Count to ten.", settings=greedy(8)
-    )
-    assert done["stats"]["completion_tokens"] >= 5
-    await client.send(type="send", conversation=before[0]["conversation"]["id"], content="Again.")
-    error, _ = await client.until("error")
-    assert error["code"] == "rate_limited"
-    assert "tokens per minute" in error["message"]
+    # Its prompt and its 8 tokens are more than the 5 tokens of a minute: it
+    # is refused before the model starts, not cut off after spending them.
+    done, _ = await client.reply(type="send", conversation=None, content="Count to ten.", settings=greedy(8))
+    assert done["status"] == "error"
+    assert done["error_code"] == "rate_limited"
+    assert "5 tokens per minute" in done["error"]
+    assert done["stats"]["completion_tokens"] is None
+    limits = ratelimit.websocket_limits(client.communicator.scope)
+    assert ratelimit.tokens_held(limits[0]) == 0
     await client.close()

@@ -7,6 +7,7 @@ import uuid
 from html.parser import HTMLParser
 
 import pytest
+from django.contrib.sessions.models import Session
 from django.test import Client
 from django.urls import reverse
 
@@ -18,8 +19,9 @@ pytestmark = pytest.mark.django_db
 
 
 def session_key_of(client: Client) -> str:
-    """The anonymous session the site gives ``client`` (a chat page makes it)."""
-    client.get(reverse("new_conversation"))
+    """The anonymous session the site gives ``client`` (the page makes it
+    before the browser's first message)."""
+    client.post(reverse("start_session"))
     key = client.session.session_key
     assert key
     return key
@@ -88,9 +90,22 @@ def test_it_shows_a_new_chat_when_there_is_no_conversation(client: Client) -> No
     assert response.status_code == 200
     assert response.templates[0].name == "chat/chat.html"
     assert b"How can I help you today?" in response.content
-    # The session exists, so that the WebSocket sees the same owner as the page.
-    assert client.session.session_key
+    # A visit stores nothing: the session is made by the first message.
+    assert "sessionid" not in response.cookies
+    assert not Session.objects.exists()
+    assert 'data-session=""' in response.content.decode()
+
+
+def test_it_makes_the_session_when_the_page_sends_its_first_message(client: Client) -> None:
+    assert client.get(reverse("start_session")).status_code == 405
+    response = client.post(reverse("start_session"))
+    assert response.status_code == 200
     assert "sessionid" in response.cookies
+    assert Session.objects.count() == 1
+    # Once more changes nothing, and the page then knows it has one.
+    client.post(reverse("start_session"))
+    assert Session.objects.count() == 1
+    assert 'data-session="1"' in client.get(reverse("home")).content.decode()
 
 
 def test_it_redirects_home_to_the_newest_conversation(client: Client) -> None:

@@ -47,6 +47,11 @@
 
   var state = {
     conversationId: app.dataset.conversationId || null,
+    // Whether the browser has a session: the server makes one only when it
+    // first sends a message (POST /session), then the socket can open.
+    hasSession: app.dataset.session === "1",
+    // A frame to send once the socket opens (the first message of a browser).
+    queued: null,
     socket: null,
     connected: false,
     everConnected: false,
@@ -149,7 +154,9 @@
   }
 
   function updateSendButton() {
-    el.send.disabled = !state.connected || state.busy !== "idle" || el.input.value.trim() === "";
+    // Without a session there is no socket yet: sending makes both.
+    var reachable = state.connected || !state.hasSession;
+    el.send.disabled = !reachable || state.busy !== "idle" || el.input.value.trim() === "";
   }
 
   function resizeInput() {
@@ -193,6 +200,11 @@
       state.reconnectAttempts = 0;
       hideNotice();
       updateSendButton();
+      if (state.queued) {
+        var frame = state.queued;
+        state.queued = null;
+        sendFrame(frame);
+      }
       if (state.missedFrames) {
         state.missedFrames = false;
         reloadBranch();
@@ -223,6 +235,30 @@
       state.reconnectAttempts += 1;
       window.setTimeout(connect, delay * (0.8 + Math.random() * 0.4));
     });
+  }
+
+  // The browser's first message: make its session, then open the socket
+  // and send the frame once it is open.
+  function startSessionThenSend(frame) {
+    state.queued = frame;
+    return window
+      .fetch(app.dataset.sessionUrl, {
+        method: "POST",
+        headers: { Accept: "application/json", "X-CSRFToken": csrfToken() },
+        credentials: "same-origin",
+      })
+      .then(function (response) {
+        if (!response.ok) throw new Error("status " + response.status);
+        state.hasSession = true;
+        connect();
+      })
+      .catch(function () {
+        state.queued = null;
+        showError("The server could not be reached; try again in a moment.");
+        el.input.value = state.lastSent;
+        resizeInput();
+        setBusy("idle");
+      });
   }
 
   function sendFrame(frame) {
@@ -505,7 +541,11 @@
       var systemPrompt = el.settingsForm.elements.system_prompt.value;
       if (systemPrompt.trim() !== "") frame.system_prompt = systemPrompt;
     }
-    if (!sendFrame(frame)) return;
+    if (!state.hasSession) {
+      startSessionThenSend(frame);
+    } else if (!sendFrame(frame)) {
+      return;
+    }
     hideError();
     state.lastSent = content;
     state.awaitingBranch = true;
@@ -978,6 +1018,6 @@
   setBusy("idle");
   resizeInput();
   scrollToBottom();
-  connect();
+  if (state.hasSession) connect();
   if (!("ontouchstart" in window)) el.input.focus();
 })();
