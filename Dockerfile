@@ -39,4 +39,7 @@ USER chatsite
 ENV PATH=/app/.venv/bin:$PATH \
     CHATSITE_SERVER_PROFILE=production
 EXPOSE 8000
-CMD ["daphne", "--bind", "0.0.0.0", "--port", "8000", "--proxy-headers", "chatsite.asgi:application"]
+# No --proxy-headers: Daphne would then take any client's own X-Forwarded-For
+# as its address. The service reads a forwarded address itself, and only when
+# server.trusted_proxy_header names the header the proxy sets (its last entry).
+CMD ["daphne", "--bind", "0.0.0.0", "--port", "8000", "chatsite.asgi:application"]

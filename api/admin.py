@@ -1,17 +1,22 @@
 """API keys in the admin: create (the secret is shown once), list, revoke.
 
 Keys are written through :mod:`api.services` only: the add form collects the
-name, user, expiry and limits, and the service makes the secret.
+name, user, expiry and limits, and the service makes the secret. The secret
+is shown once, on the page that answers the add form itself: never through
+Django's messages, whose cookie anyone holding it could read back.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.db.models import QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.cache import add_never_cache_headers
 
 from api import services
 from api.models import ApiKey
@@ -74,11 +79,28 @@ class ApiKeyAdmin(ApiKeyAdminBase):
         obj.prefix = created.key.prefix
         obj.secret_hash = created.key.secret_hash
         obj.created_at = created.key.created_at
-        self.message_user(
+        # For response_add, in this request only.
+        request._new_api_key_secret = created.secret  # type: ignore[attr-defined]
+
+    def response_add(self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None) -> Any:
+        secret = getattr(request, "_new_api_key_secret", None)
+        if secret is None:
+            return super().response_add(request, obj, post_url_continue)
+        response = TemplateResponse(
             request,
-            f"The key's secret, shown this once (it is stored hashed): {created.secret}",
-            level=messages.WARNING,
+            "admin/api/apikey/created.html",
+            {
+                **self.admin_site.each_context(request),
+                "title": "API key created",
+                "key": obj,
+                "secret": secret,
+                "opts": self.model._meta,
+                "changelist_url": reverse("admin:api_apikey_changelist"),
+            },
         )
+        # The page holds the secret: no cache may keep it.
+        add_never_cache_headers(response)
+        return response
 
     def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
         # Revoke instead: a revoked key stays listed with its last use.

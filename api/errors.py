@@ -14,11 +14,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from api.services import InvalidApiKey
+from chat.sessions_io import ImportsBusy
+from chatsite.middleware import DATABASE_RETRY_AFTER
 from chatsite.ratelimit import RateLimited
 from inference.types import (
     ContextLengthExceeded,
@@ -30,7 +33,8 @@ from inference.types import (
 
 logger = logging.getLogger(__name__)
 
-# Seconds a client should wait when the model's queue is full.
+# Seconds a client should wait when the model's queue is full and nothing
+# better is known (the engine's own refusals carry their estimate).
 BUSY_RETRY_AFTER = 2
 
 
@@ -79,6 +83,10 @@ def api_error_from(exc: Exception) -> ApiError:
         )
     if isinstance(exc, ModelUnavailable):
         return ApiError(503, str(exc), type="server_error", code="model_unavailable")
+    if isinstance(exc, EngineBusy):
+        return _busy(str(exc), exc.retry_after)
+    if isinstance(exc, InvalidRequest):
+        return ApiError(400, str(exc), param=exc.param or _param_of(str(exc)), code="invalid_value")
     if isinstance(exc, InferenceError):
         return refusal_error(exc.kind, str(exc))
     if isinstance(exc, InvalidApiKey | AuthenticationError):
@@ -95,6 +103,27 @@ def api_error_from(exc: Exception) -> ApiError:
         return ApiError(404, "Not found.", code="not_found")
     if isinstance(exc, RequestDataTooBig):
         return ApiError(413, "The request body is too large.", code="request_too_large")
+    if isinstance(exc, RecursionError):
+        # json.loads of a body nested thousands deep (ninja parses it).
+        return ApiError(400, "The request body is nested too deeply to be read.", code="invalid_json")
+    if isinstance(exc, ImportsBusy):
+        return ApiError(
+            503,
+            str(exc),
+            type="server_error",
+            code="imports_busy",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, OperationalError | InterfaceError):
+        # SQLite's "database is locked", a dropped PostgreSQL connection: it passes.
+        logger.warning("the database refused an API request for now: %s", exc)
+        return ApiError(
+            503,
+            "The database is busy; try again in a moment.",
+            type="server_error",
+            code="database_unavailable",
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER)},
+        )
     if isinstance(exc, ValidationError):
         return _validation_error(exc.errors)
     if isinstance(exc, HttpError):
@@ -122,13 +151,7 @@ def refusal_error(kind: str, message: str) -> ApiError:
     if kind == ContextLengthExceeded.kind:
         return ApiError(400, message, param="messages", code="context_length_exceeded")
     if kind == EngineBusy.kind:
-        return ApiError(
-            503,
-            message,
-            type="server_error",
-            code="engine_overloaded",
-            headers={"Retry-After": str(BUSY_RETRY_AFTER)},
-        )
+        return _busy(message, BUSY_RETRY_AFTER)
     if kind == InvalidRequest.kind:
         return ApiError(400, message, param=_param_of(message), code="invalid_value")
     if kind == WORKER_LOST:
@@ -142,6 +165,16 @@ def refusal_error(kind: str, message: str) -> ApiError:
             headers={"Retry-After": str(BUSY_RETRY_AFTER)},
         )
     return ApiError(500, message, type="server_error", code=kind)
+
+
+def _busy(message: str, retry_after: int) -> ApiError:
+    return ApiError(
+        503,
+        message,
+        type="server_error",
+        code="engine_overloaded",
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 def _validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:

@@ -9,6 +9,7 @@ with one ``data: {"error": ...}`` event.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,7 +33,7 @@ from api.replies import (
     start_stateless,
 )
 from api.selectors import access_api_conversation, api_conversations, api_shown_branch
-from api.sessions import delete_conversation, export_conversation, import_for_user
+from api.sessions import delete_conversation, export_conversation, read_import, write_import
 from inference import registry
 from inference.types import ChatMessage, InvalidRequest
 
@@ -134,7 +135,6 @@ def _grammar(body: schemas.ChatCompletionRequest) -> str | None:
 
 
 async def _stream(
-    caller: Caller,
     reply: StartedReply,
     chunk: Any,
     *,
@@ -173,7 +173,7 @@ async def _stream(
     except Exception as exc:  # after the first byte, an error can only be an event
         yield json_event(api_error_from(exc).body())
     finally:  # also when the client went away (this task is cancelled)
-        await record_usage(caller.limits, reply)
+        await record_usage(reply)
 
 
 @api.post(
@@ -204,11 +204,11 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
             user=caller.user, session_id=body.session_id, model=model, messages=turns
         )
         reply = await start_in_conversation(
-            conversation=conversation, question=question, model=model, params=params
+            conversation=conversation, question=question, model=model, params=params, limits=caller.limits
         )
     else:
         messages = [ChatMessage(role, content) for role, content in turns]
-        reply = await start_stateless(model=model, params=params, messages=messages)
+        reply = await start_stateless(model=model, params=params, messages=messages, limits=caller.limits)
 
     completion_id, created = _completion_id("chatcmpl"), int(time.time())
     if body.stream:
@@ -235,7 +235,6 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
 
         return event_stream(
             _stream(
-                caller,
                 reply,
                 chunk,
                 first={"role": "assistant", "content": ""},
@@ -249,7 +248,7 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
     try:
         text = await reply.text()
     finally:
-        await record_usage(caller.limits, reply)
+        await record_usage(reply)
     failure = _failure(reply)
     if failure is not None:
         raise failure
@@ -298,7 +297,7 @@ async def completions(request: HttpRequest, body: schemas.CompletionRequest) -> 
         stop=body.stop,
         seed=body.seed,
     )
-    reply = await start_stateless(model=model, params=params, prompt=prompts[0])
+    reply = await start_stateless(model=model, params=params, prompt=prompts[0], limits=caller.limits)
     completion_id, created = _completion_id("cmpl"), int(time.time())
     echo = prompts[0] if body.echo else ""
     if body.stream:
@@ -323,7 +322,6 @@ async def completions(request: HttpRequest, body: schemas.CompletionRequest) -> 
 
         return event_stream(
             _stream(
-                caller,
                 reply,
                 chunk,
                 first=None,
@@ -334,12 +332,12 @@ async def completions(request: HttpRequest, body: schemas.CompletionRequest) -> 
                 model=model,
             )
             if not echo
-            else _echo_then(echo, chunk, caller, reply, include_usage, completion_id, created, model)
+            else _echo_then(echo, chunk, reply, include_usage, completion_id, created, model)
         )
     try:
         text = await reply.text()
     finally:
-        await record_usage(caller.limits, reply)
+        await record_usage(reply)
     failure = _failure(reply)
     if failure is not None:
         raise failure
@@ -359,7 +357,6 @@ async def completions(request: HttpRequest, body: schemas.CompletionRequest) -> 
 async def _echo_then(
     echo: str,
     chunk: Any,
-    caller: Caller,
     reply: StartedReply,
     include_usage: bool,
     completion_id: str,
@@ -370,7 +367,6 @@ async def _echo_then(
 
     yield json_event(chunk(echo, None))
     async for event in _stream(
-        caller,
         reply,
         chunk,
         first=None,
@@ -451,8 +447,9 @@ class ImportQuery(Schema):
     },
 )
 async def import_conversations(request: HttpRequest, query: Query[ImportQuery]) -> Any:
-    result = await database_sync_to_async(import_for_user)(
-        user=_caller(request).user, raw=request.body, replace=query.replace
+    plans = await asyncio.to_thread(read_import, request.body)
+    result = await database_sync_to_async(write_import)(
+        user=_caller(request).user, plans=plans, replace=query.replace
     )
     return {
         "created": result.created,

@@ -152,13 +152,15 @@ def get_table(key: str) -> dict[str, Any]:
 
 
 _PROMETHEUS_ENGINES = {
-    "django.db.backends.sqlite3": "django_prometheus.db.backends.sqlite3",
+    # django-prometheus's, with files only their owner may read (chatsite.db.sqlite3).
+    "django.db.backends.sqlite3": "chatsite.db.sqlite3",
     "django.db.backends.postgresql": "django_prometheus.db.backends.postgresql",
 }
 
 
 def database_from_url(url: str) -> dict[str, Any]:
-    """Django's DATABASES entry for a URL, with django-prometheus's wrappers."""
+    """Django's DATABASES entry for a URL, with django-prometheus's wrappers
+    (SQLite's also keeps its files private to their owner)."""
     import dj_database_url
 
     try:

@@ -49,6 +49,10 @@ if PRODUCTION:
 
 ALLOWED_HOSTS = config.get_list("server.allowed_hosts", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = config.get_list("server.csrf_trusted_origins", [])
+# The origins (scheme://host[:port]) whose pages may open the site's
+# WebSockets. Empty: http and https of every allowed host, and the origin
+# each handshake was sent to when its host is allowed (chatsite.origins).
+CHATSITE_ORIGINS = config.get_list("server.origins", [])
 
 INSTALLED_APPS = [
     # daphne first, so that runserver serves ASGI (and WebSockets) too.
@@ -70,12 +74,17 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    # Before anything counts a request by its method (chatsite.middleware).
+    "chatsite.middleware.RefuseUnknownMethods",
+    "chatsite.middleware.OpenAIErrorsOnV1",
+    "chatsite.middleware.TransientDatabaseErrors",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "chatsite.middleware.RenewSessions",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "csp.middleware.CSPMiddleware",
@@ -160,6 +169,10 @@ CHATSITE_INFERENCE_MODE = config.get_choice("inference.mode", "local", ("local",
 # refused as busy (503 with Retry-After on the API).
 CHATSITE_WORKER_TIMEOUT = config.get_float("inference.worker_timeout", 5.0, minimum=1.0)
 CHATSITE_WORKER_ACCEPT_TIMEOUT = config.get_float("inference.worker_accept_timeout", 3.0, minimum=0.5)
+# Workers mode: the secret shared by the front ends and the inference workers;
+# every job and reply message on the channel layer carries an HMAC made with
+# it, and a message without a valid one is dropped (inference.workers).
+CHATSITE_WORKER_SECRET = config.get_str("inference.worker_secret", "")
 # How many requests may wait for a model while it generates for another.
 CHATSITE_QUEUE_SIZE = config.get_int("inference.queue_size", 8, minimum=0)
 # Threads llama.cpp uses for decoding; 0 means every usable CPU but one.
@@ -211,8 +224,22 @@ CHATSITE_GENERATE_TITLES = config.get_bool("chat.generate_titles", True)
 # The longest message the site accepts, in characters (WebSocket frames are
 # refused past about four times this many bytes).
 CHATSITE_MAX_MESSAGE_CHARS = config.get_int("chat.max_message_chars", 32_000, minimum=1)
+# The system prompt of a conversation (the settings panel and the API's
+# system messages), in characters.
+CHATSITE_MAX_SYSTEM_PROMPT_CHARS = config.get_int("chat.max_system_prompt_chars", 32_000, minimum=1)
+# Imports of sessions.json (the command and the API): the file's bytes, its
+# messages in all, and the characters of one message's text. The biggest
+# import allowed writes in about a second on SQLite (chat.sessions_io.importing).
+CHATSITE_IMPORT_MAX_BYTES = config.get_int("chat.import_max_bytes", 4 * 1024 * 1024, minimum=1024)
+CHATSITE_IMPORT_MAX_MESSAGES = config.get_int("chat.import_max_messages", 10_000, minimum=1)
+CHATSITE_IMPORT_MAX_MESSAGE_CHARS = config.get_int("chat.import_max_message_chars", 131_072, minimum=1)
 
 # --- Accounts ------------------------------------------------------------------
+# A session (signed in or an anonymous browser, which owns its conversations
+# by it) expires after this many days without use; each day it is used, its
+# expiry moves forward (chatsite.middleware.RenewSessions). Expired sessions
+# are removed by `manage.py clearsessions`.
+SESSION_COOKIE_AGE = config.get_int("chat.session_days", 14, minimum=1) * 24 * 3600
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "home"
@@ -269,6 +296,16 @@ CHATSITE_RATELIMIT_SESSION_REQUESTS_PER_MINUTE = config.get_int(
 CHATSITE_RATELIMIT_SESSION_TOKENS_PER_MINUTE = config.get_int(
     "ratelimit.session_tokens_per_minute", 20_000, minimum=0
 )
+# Every frame but "stop" (switching versions, editing, ...), per user or session.
+CHATSITE_RATELIMIT_SESSION_FRAMES_PER_MINUTE = config.get_int(
+    "ratelimit.session_frames_per_minute", 120, minimum=0
+)
+# Sign-in (the site's and the admin's): failed attempts allowed per user name
+# and per client address in each window, before further attempts are refused
+# without checking the password (0: no limit).
+CHATSITE_LOGIN_FAILURES_PER_USER = config.get_int("ratelimit.login_failures_per_user", 5, minimum=0)
+CHATSITE_LOGIN_FAILURES_PER_ADDRESS = config.get_int("ratelimit.login_failures_per_address", 20, minimum=0)
+CHATSITE_LOGIN_WINDOW_SECONDS = config.get_int("ratelimit.login_window_minutes", 15, minimum=1) * 60
 # Behind a reverse proxy: the header that carries the client's address (for
 # example X-Forwarded-For; its last entry is used). Empty: the peer address.
 CHATSITE_TRUSTED_PROXY_HEADER = config.get_str("server.trusted_proxy_header", "")
