@@ -117,7 +117,7 @@ pytest-scaleout: install-dev system-packages
 # docker-compose.yml and its Prometheus/Grafana files are valid (no Docker
 # engine runs here: `docker-compose config` only parses and resolves).
 compose-config: system-packages
-	CHATSITE_SECRET_KEY=check POSTGRES_PASSWORD=check GRAFANA_PASSWORD=check \
+	CHATSITE_SECRET_KEY=check POSTGRES_PASSWORD=check GRAFANA_PASSWORD=check REDIS_PASSWORD=check CHATSITE_WORKER_SECRET=check \
 		docker-compose -f docker-compose.yml config --quiet
 
 test: lint typecheck pytest pytest-scaleout compose-config

@@ -1,7 +1,7 @@
 """Middleware of the whole site: what no single view should have to do.
 
-* :class:`RefuseUnknownMethods` answers a request whose method is not one of
-  HTTP's standard ones with 501, before django-prometheus counts it: its
+* :class:`RefuseUnknownMethods` answers a request whose method is not one
+  this site serves with 405, before django-prometheus counts it: its
   latency histogram is labelled with the raw method, so every made-up method
   (``PROBE0001``) would add twenty series to ``/metrics`` for good.
 * :class:`TransientDatabaseErrors` answers 503 with ``Retry-After`` when the
@@ -93,7 +93,7 @@ class _Middleware:
 
 
 class RefuseUnknownMethods(_Middleware):
-    """501 for a method outside :data:`STANDARD_METHODS`. Goes right after
+    """405 for a method outside :data:`STANDARD_METHODS`. Goes right after
     django-prometheus's first middleware, before its last one counts."""
 
     def before(self, request: HttpRequest) -> HttpResponseBase | None:
@@ -102,10 +102,10 @@ class RefuseUnknownMethods(_Middleware):
         message = f"The method {str(request.method)[:32]!r} is not supported."
         if _is_api(request):
             response: HttpResponse = openai_error(
-                501, message, type="invalid_request_error", code="unknown_method"
+                405, message, type="invalid_request_error", code="method_not_allowed"
             )
         else:
-            response = HttpResponse(message + "\n", status=501, content_type="text/plain; charset=utf-8")
+            response = HttpResponse(message + "\n", status=405, content_type="text/plain; charset=utf-8")
         response["Allow"] = ", ".join(sorted(STANDARD_METHODS))
         return response
 

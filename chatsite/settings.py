@@ -147,7 +147,16 @@ if REDIS_URL:
             # the 5 s a channels-redis receive blocks in BZPOPMIN: every idle
             # receive then raised TimeoutError. Reads may take longer than the
             # block; a dead Redis is still noticed within 15 s.
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}]},
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
+                # One Redis key holds every process-local channel of a process (its
+                # WebSockets and, in workers mode, all its reply channels), and the
+                # capacity counts over that key: the default 100 is two seconds of
+                # one stream. 1000 absorbs a front end's stall of about a second (it
+                # reads about 770 messages/s, measured); past it, the worker ends the
+                # job as an error with its text (inference.workers).
+                "channel_capacity": {"specific.*": 1000},
+            },
         }
     }
 else:

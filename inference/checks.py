@@ -1,5 +1,10 @@
-"""System checks: a bad model table or default model stops start-up with an
-error that names the setting, instead of failing on the first request."""
+"""System checks: a bad model table or default model, or workers mode without
+a worker secret, stops start-up with an error that names the setting, instead
+of failing on the first request.
+
+``manage.py`` commands run them (``inference_worker``, ``migrate``,
+``check``); Daphne does not, so a front end without a valid secret refuses
+each request instead (:func:`inference.workers.sign`)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
 from inference import registry
+from inference.workers import worker_secret_problem
 
 
 @register()
@@ -37,3 +43,29 @@ def check_models(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
                 )
             )
     return errors
+
+
+SECRET_HINT = (
+    "Set the same secret on every front end and inference worker "
+    "(CHATSITE_INFERENCE_WORKER_SECRET, or inference.worker_secret in config.toml); generate one with "
+    'python -c "import secrets; print(secrets.token_urlsafe(48))"'
+)
+
+
+@register()
+def check_worker_secret(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Workers mode signs every job and reply with ``inference.worker_secret``:
+    it must be set, and long enough (front ends and workers alike)."""
+    if settings.CHATSITE_INFERENCE_MODE != "workers":
+        return []
+    problem = worker_secret_problem()
+    if not problem:
+        return []
+    return [
+        Error(
+            f'{problem}: with inference.mode = "workers", every message between the front ends '
+            "and the inference workers is signed with it",
+            hint=SECRET_HINT,
+            id="inference.E003",
+        )
+    ]

@@ -462,8 +462,11 @@ def test_it_reconnects_when_the_connection_drops(context: BrowserContext) -> Non
 
     page.route_web_socket(re.compile(r"/ws/chat/$"), forward)
     page.goto("/new")
-    set_reply_settings(page, max_tokens=8)
-    expect(page.locator("#send-button")).to_be_disabled()  # empty, but connected
+    # A new browser has no session, so no socket yet: the first message makes both.
+    expect(page.locator("#send-button")).to_be_disabled()  # empty
+    assert routes == []
+    start_chat(page, "Hi.", max_tokens=8)
+    assert len(routes) == 1
     page.get_by_role("textbox", name="Message").fill("Hello?")
     expect(page.locator("#send-button")).to_be_enabled()
     routes[0].close(code=1001, reason="gone")

@@ -32,6 +32,10 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if not settings.REDIS_URL:
             raise CommandError("an inference worker needs channels.redis_url (the Redis channel layer)")
+        # The system check says the same; this is for --skip-checks.
+        problem = workers.worker_secret_problem()
+        if problem:
+            raise CommandError(f"{problem}: an inference worker signs every message with it")
         specs = registry.configured_specs()
         models = options["models"] or [name for name, spec in specs.items() if spec.remote is None]
         unknown = [name for name in models if name not in specs or specs[name].remote is not None]
