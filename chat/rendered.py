@@ -1,8 +1,9 @@
 """Messages as the page shows them: Markdown rendered once, kept with the message.
 
 Rendering (:func:`chat.rendering.render_markdown`) is linear in the text but
-not free: hostile text costs up to about 15 µs a character, half a second for
-the longest message the site takes. So a message is rendered once, when its
+not free: hostile text costs up to about 20 µs a character (0.7 s for the
+longest message the site takes), and highlighting a message's code up to
+0.2 s more. So a message is rendered once, when its
 HTML is first needed, and the HTML is stored beside it (``Message.html``,
 valid while ``Message.html_version`` is :data:`HTML_VERSION`; bump it when
 the renderer's output changes and every message is rendered again, lazily).

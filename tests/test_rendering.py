@@ -1,6 +1,7 @@
 """Hostile Markdown and HTML come out inert: in the page after a reload, in
 the branch the WebSocket sends while streaming, and in the reply's own
-rendering (the render and done frames)."""
+rendering (the render and done frames). What replies use (lists, tables,
+code) comes out in the shape the page's CSS and script expect."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from html.parser import HTMLParser
 from urllib.parse import urlsplit
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.test import Client
 
+from chat import rendering
 from chat.consumers import render_branch
 from chat.rendering import ALLOWED_ATTRIBUTES, ALLOWED_TAGS, render_markdown
 from tests.base import make_conversation
@@ -124,6 +127,79 @@ def test_it_renders_an_unclosed_fence_as_code() -> None:
     assert "<pre>" in render_markdown("```\nstill streaming <b>")
 
 
+def test_it_renders_what_replies_use_in_the_shape_the_page_styles() -> None:
+    html = render_markdown(
+        "Steps:\n- one\n  - nested\n- two\n\n3. three\n4. four\n\n> quoted\n\n~~gone~~\n\n"
+        "| l | r | c | n |\n|:--|--:|:-:|---|\n| 1 | 2 | 3 | 4 |"
+    )
+    assert "<p>Steps:</p>\n<ul>\n<li>one\n<ul>\n<li>nested</li>" in html  # CommonMark: 2-space nesting
+    assert '<ol start="3">' in html
+    assert "<blockquote>\n<p>quoted</p>\n</blockquote>" in html
+    assert "<del>gone</del>" in html
+    for cell in (
+        '<th align="left">l</th>',
+        '<th align="right">r</th>',
+        '<th align="center">c</th>',
+        "<td>4</td>",
+    ):
+        assert cell in html
+
+
+def test_it_puts_every_code_block_in_a_highlight_div_for_the_copy_button() -> None:
+    highlighted = render_markdown("```python\nprint('hi')\n```")
+    assert highlighted.startswith(
+        '<div class="highlight"><pre><code class="language-python"><span class="nb">print'
+    )
+    unknown = render_markdown("```brainfuck\n+<script>.\n```")
+    expected = (
+        '<div class="highlight"><pre><code class="language-brainfuck">+&lt;script&gt;.\n</code></pre></div>'
+    )
+    assert unknown == expected + "\n"
+    indented = render_markdown("text\n\n    code <b>\n")
+    assert '<div class="highlight"><pre><code>code &lt;b&gt;\n</code></pre></div>' in indented
+
+
+def test_it_highlights_only_the_allowed_languages() -> None:
+    assert "<span" in render_markdown("```Rust\nfn main() {}\n```")
+    # Pygments knows these, but their lexers were not measured.
+    for language in ("php", "ruby", "markdown", "brainfuck"):
+        assert "<span" not in render_markdown(f"```{language}\nx = 1\n```")
+    assert set(rendering.HIGHLIGHTED_LANGUAGES) >= {
+        "python",
+        "javascript",
+        "typescript",
+        "json",
+        "bash",
+        "sql",
+    }
+
+
+def test_it_links_a_badge_once() -> None:
+    html = render_markdown("[![build](https://ci.example/badge.svg)](https://ci.example/run)")
+    assert html.count("<a ") == 1
+    assert 'href="https://ci.example/run"' in html
+    assert "[image: build]" in html
+
+
+def test_it_shows_nul_and_lone_surrogates_as_replacement_characters() -> None:
+    assert render_markdown("a\x00b\ud800c") == "<p>a\ufffdb\ufffdc</p>\n"
+
+
+def test_it_bounds_nesting_without_recursing_per_level() -> None:
+    for text in (">" * 10_000 + " deep", "- " * 10_000 + "deep", "1. " * 10_000 + "deep", "[" * 10_000 + "a"):
+        html = render_markdown(text)
+        assert html.count("<blockquote>") <= rendering.MAX_NESTING
+        assert html.count("<li>") <= rendering.MAX_NESTING
+        assert problems(html) == []
+
+
+def test_it_ends_a_table_that_would_fill_in_too_many_cells() -> None:
+    header = "|a" * 100 + "\n" + "|-" * 100 + "\n"
+    html = render_markdown(header + "|\n" * 1_000)
+    # Each short row is filled up to 100 cells; the table ends past the limit.
+    assert html.count("<td>") <= rendering.TABLE_MAX_FILLED_CELLS + 100
+
+
 @pytest.mark.django_db
 def test_it_keeps_hostile_messages_inert_in_the_page_and_the_streamed_branch(client: Client) -> None:
     client.get("/new")  # the browser session that owns the conversation
@@ -135,7 +211,7 @@ def test_it_keeps_hostile_messages_inert_in_the_page_and_the_streamed_branch(cli
     conversation, _ = make_conversation(*turns, session_key=session_key, title="<script>alert('t')</script>")
 
     # Live: the branch the WebSocket sends when a reply starts or a version is switched.
-    streamed = render_branch(conversation.pk)
+    streamed = async_to_sync(render_branch)(conversation.pk)
     assert "alert(1)</script>" not in streamed
     # After reload: the whole page.
     response = client.get(f"/c/{conversation.pk}/")
