@@ -104,13 +104,14 @@ pytest: install-dev system-packages
 # The core of the suite again, on PostgreSQL and the Redis channel layer and
 # cache (tests/servers.py starts both on free loopback ports, in temporary
 # directories): conversations, import and export, admin, pages, WebSocket
-# chat, rate limits and the API (its live Daphne on a database of its own on
-# the same server). The live-process tests of scale-out (two Daphnes and two
+# chat, rate limits and budgets, the API (its live Daphne on a database of
+# its own on the same server) and the largest imports beside streaming chats. The live-process tests of scale-out (two Daphnes and two
 # workers on Redis) start their own servers and already ran in `pytest`.
 SCALEOUT_TESTS := tests/test_chat_services.py tests/test_chat_context.py tests/test_sessions_import.py \
 	tests/test_sessions_export.py tests/test_admin_conversations.py tests/test_views_chat.py \
 	tests/test_consumer_chat.py tests/test_ratelimit.py tests/test_api_chat_completions.py \
-	tests/test_api_open.py tests/test_api_consumer_ws.py tests/test_api_live.py
+	tests/test_api_open.py tests/test_api_consumer_ws.py tests/test_api_live.py \
+	tests/test_budgets.py tests/test_imports_beside_replies.py
 pytest-scaleout: install-dev system-packages
 	$(BIN)/python -m tests.servers $(BIN)/python -m pytest -p tests.scaleout_plugin $(SCALEOUT_TESTS) $(PYTEST_ARGS)
 

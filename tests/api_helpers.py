@@ -9,6 +9,7 @@ limits are off unless the test sets them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,6 +18,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from django.core.asgi import get_asgi_application
 
 from tests.processes import child_env, daphne, manage
 
@@ -37,7 +41,7 @@ class LiveApi:
 
     def shell(self, code: str) -> str:
         """Run Python in ``manage.py shell`` against the server's database."""
-        return manage("shell", "-c", code, env=self.env).stdout
+        return manage("shell", "--verbosity", "0", "-c", code, env=self.env).stdout
 
 
 def own_database_url(tmp: Path) -> str:
@@ -84,6 +88,59 @@ def live_api(tmp: Path, users: tuple[str, ...] = ("alice",), **changes: str) -> 
         yield LiveApi(url=url, keys=keys, env=env)
 
 
+async def asgi_call(
+    secret: str, body: dict[str, Any], *, disconnect_after: int | None = None
+) -> tuple[int, list[bytes]]:
+    """Send ``body`` through Django's ASGI handler; with ``disconnect_after``,
+    the client goes away once that many body messages arrived. Returns the
+    status and the body messages; the handler has finished (its request
+    task, cancelled or not, is over)."""
+    data = json.dumps(body).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+            (b"authorization", f"Bearer {secret}".encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    gone = asyncio.Event()
+    requested = False
+    status = 0
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": data, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message.get("body"):
+            chunks.append(message["body"])
+            if disconnect_after is not None and len(chunks) >= disconnect_after:
+                gone.set()
+
+    await asyncio.wait_for(get_asgi_application()(scope, receive, send), timeout=240)
+    return status, chunks
+
+
 def sse_lines(response: object) -> list[str]:
     """The lines of a streamed response, as sent."""
     import requests
@@ -92,4 +149,13 @@ def sse_lines(response: object) -> list[str]:
     return [line.decode("utf-8") for line in response.iter_lines(delimiter=b"\n")]
 
 
-__all__ = ["MODEL", "LiveApi", "create_key", "live_api", "prepared_env", "sse_lines", "subprocess"]
+__all__ = [
+    "MODEL",
+    "LiveApi",
+    "asgi_call",
+    "create_key",
+    "live_api",
+    "prepared_env",
+    "sse_lines",
+    "subprocess",
+]

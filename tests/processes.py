@@ -1,7 +1,10 @@
-"""Starting the service's own processes (Daphne, management commands) in tests."""
+"""Starting the service's own processes (Daphne, management commands) in
+tests, and talking to them as a browser tab does (:class:`Chat`)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -10,7 +13,11 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from http.cookiejar import CookieJar
 from pathlib import Path
+from typing import Any
+
+import websockets
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,3 +96,53 @@ def get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=30) as response:
         body: bytes = response.read()
         return body.decode()
+
+
+def session_cookie(url: str) -> str:
+    """A browser's cookies once its page made its session (POST /session, as
+    the page's script does before its first message)."""
+    jar = CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    opener.open(url + "/", timeout=30).read()
+    csrf = next(cookie.value for cookie in jar if cookie.name == "csrftoken")
+    start = urllib.request.Request(
+        url + "/session", data=b"", method="POST", headers={"X-CSRFToken": csrf or ""}
+    )
+    opener.open(start, timeout=30).read()
+    return "; ".join(f"{cookie.name}={cookie.value}" for cookie in jar)
+
+
+class Chat:
+    """One browser tab on one live front end: its session made as the page
+    makes it, its WebSocket, frames in and out."""
+
+    def __init__(self, url: str, cookie: str | None = None) -> None:
+        self.url = url
+        self.cookie = cookie or session_cookie(url)
+        self.socket: Any = None
+
+    async def __aenter__(self) -> Chat:
+        self.socket = await websockets.connect(
+            self.url.replace("http://", "ws://") + "/ws/chat/",
+            additional_headers={"Cookie": self.cookie, "Origin": self.url},
+            max_size=None,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.socket.close()
+
+    async def send(self, content: str, max_tokens: int, conversation: str | None = None) -> None:
+        frame = {
+            "type": "send",
+            "conversation": conversation,
+            "content": content,
+            "settings": {"temperature": 0, "seed": 1234, "max_tokens": max_tokens},
+        }
+        await self.socket.send(json.dumps(frame))
+
+    async def until(self, kind: str) -> dict[str, Any]:
+        while True:
+            frame: dict[str, Any] = json.loads(await asyncio.wait_for(self.socket.recv(), 180))
+            if frame["type"] == kind or (frame["type"] == "error" and kind != "error"):
+                return frame

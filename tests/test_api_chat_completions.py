@@ -4,14 +4,10 @@ what a client that goes away still costs, and what a refused request with a
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Mapping
-from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
-from django.core.asgi import get_asgi_application
 from django.core.cache import cache
 
 from api import services
@@ -19,6 +15,7 @@ from api.auth import key_limit
 from api.models import ApiKey
 from chat.models import Conversation, Message
 from chatsite import ratelimit
+from tests.api_helpers import asgi_call as call
 from tests.base import MODEL, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -39,59 +36,6 @@ async def new_key(*, tokens_per_minute: int | None = None) -> tuple[ApiKey, str]
 
     created = await database_sync_to_async(create)()
     return created.key, created.secret
-
-
-async def call(
-    secret: str, body: dict[str, Any], *, disconnect_after: int | None = None
-) -> tuple[int, list[bytes]]:
-    """Send ``body`` through Django's ASGI handler; with ``disconnect_after``,
-    the client goes away once that many body messages arrived. Returns the
-    status and the body messages; the handler has finished (its request
-    task, cancelled or not, is over)."""
-    data = json.dumps(body).encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"testserver"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(data)).encode()),
-            (b"authorization", f"Bearer {secret}".encode()),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
-    gone = asyncio.Event()
-    requested = False
-    status = 0
-    chunks: list[bytes] = []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal requested
-        if not requested:
-            requested = True
-            return {"type": "http.request", "body": data, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: Mapping[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message.get("body"):
-            chunks.append(message["body"])
-            if disconnect_after is not None and len(chunks) >= disconnect_after:
-                gone.set()
-
-    await asyncio.wait_for(get_asgi_application()(scope, receive, send), timeout=240)
-    return status, chunks
 
 
 async def test_it_settles_a_stream_the_client_cut_off_with_the_tokens_it_spent() -> None:

@@ -1,4 +1,5 @@
-"""A key's rate limit holds across two Daphne processes sharing a Redis cache."""
+"""A key's rate limits hold across two Daphne processes sharing a Redis cache:
+its requests per minute, and its tokens per minute under concurrent requests."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -66,3 +68,41 @@ def test_it_shares_a_keys_budget_between_two_processes(tmp_path: Path, redis_url
         assert refused.status_code == 429
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
         assert 1 <= int(refused.headers["Retry-After"]) <= 60
+
+
+def test_it_keeps_concurrent_requests_on_two_processes_within_one_token_budget(
+    tmp_path: Path, redis_url: str
+) -> None:
+    env = prepared_env(tmp_path, CHATSITE_CACHE_URL=redis_url)
+    budget = 120
+    key = create_key(env, "alice", "--tokens-per-minute", str(budget))
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {
+        "model": "smollm2-135m",
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    with ExitStack() as stack:
+        urls = [stack.enter_context(daphne(env)), stack.enter_context(daphne(env))]
+        for url in urls:  # each loads the model before the requests race
+            requests.get(url + "/v1/models", headers=headers, timeout=30)
+        if time.time() % 60 > 40:
+            time.sleep(61 - time.time() % 60)
+
+        def ask(index: int) -> requests.Response:
+            return requests.post(
+                urls[index % 2] + "/v1/chat/completions", headers=headers, json=body, timeout=120
+            )
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            answers = list(pool.map(ask, range(6)))
+    statuses = sorted(answer.status_code for answer in answers)
+    assert 200 in statuses, statuses
+    assert 429 in statuses, statuses
+    spent = sum(
+        answer.json()["usage"]["prompt_tokens"] + answer.json()["usage"]["completion_tokens"]
+        for answer in answers
+        if answer.status_code == 200
+    )
+    assert spent <= budget

@@ -24,13 +24,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-import websockets
 from channels_redis.core import RedisChannelLayer  # type: ignore[import-untyped]
 from django.test import Client, override_settings
 
@@ -38,7 +36,7 @@ from inference import workers
 from inference.types import ChatMessage, GenerationRequest, SamplingParams
 from tests.api_helpers import MODEL, create_key, prepared_env
 from tests.metrics_helpers import Scrape
-from tests.processes import ROOT, daphne, free_port, get, manage
+from tests.processes import ROOT, Chat, daphne, free_port, get, manage, session_cookie
 from tests.servers import redis_server
 
 SESSION_LIMIT = 3
@@ -113,55 +111,6 @@ def wait_for_workers(url: str, count: int) -> dict[str, Any]:
             return body
         assert time.monotonic() < deadline, f"the workers did not advertise themselves: {body}"
         time.sleep(0.5)
-
-
-def session_cookie(url: str) -> str:
-    """A browser's cookies once its page made its session (POST /session, as
-    the page's script does before its first message)."""
-    jar = CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    opener.open(url + "/", timeout=30).read()
-    csrf = next(cookie.value for cookie in jar if cookie.name == "csrftoken")
-    start = urllib.request.Request(
-        url + "/session", data=b"", method="POST", headers={"X-CSRFToken": csrf or ""}
-    )
-    opener.open(start, timeout=30).read()
-    return "; ".join(f"{cookie.name}={cookie.value}" for cookie in jar)
-
-
-class Chat:
-    """One browser tab on one front end."""
-
-    def __init__(self, url: str, cookie: str | None = None) -> None:
-        self.url = url
-        self.cookie = cookie or session_cookie(url)
-        self.socket: Any = None
-
-    async def __aenter__(self) -> Chat:
-        self.socket = await websockets.connect(
-            self.url.replace("http://", "ws://") + "/ws/chat/",
-            additional_headers={"Cookie": self.cookie, "Origin": self.url},
-            max_size=None,
-        )
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.socket.close()
-
-    async def send(self, content: str, max_tokens: int, conversation: str | None = None) -> None:
-        frame = {
-            "type": "send",
-            "conversation": conversation,
-            "content": content,
-            "settings": {"temperature": 0, "seed": 1234, "max_tokens": max_tokens},
-        }
-        await self.socket.send(json.dumps(frame))
-
-    async def until(self, kind: str) -> dict[str, Any]:
-        while True:
-            frame: dict[str, Any] = json.loads(await asyncio.wait_for(self.socket.recv(), 180))
-            if frame["type"] == kind or (frame["type"] == "error" and kind != "error"):
-                return frame
 
 
 def jobs_per_worker(cluster: Cluster) -> list[int]:
