@@ -209,6 +209,9 @@ LOGGING = {
         "django": {"level": "INFO"},
         # Daphne logs every request at INFO; keep it to warnings.
         "daphne": {"level": "WARNING"},
+        # The remote backends' HTTP client logs every request's URL at INFO,
+        # credentials included; inference.remote logs failures without them.
+        "httpx2": {"level": "WARNING"},
     },
 }
 

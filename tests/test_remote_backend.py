@@ -44,6 +44,8 @@ class Misbehaving(BaseHTTPRequestHandler):
         if mode in ("busy", "broken"):
             body = json.dumps({"error": {"message": f"{mode} upstream"}}).encode()
             self.send_response(503 if mode == "busy" else 500)
+            if mode == "busy":
+                self.send_header("Retry-After", "7")
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -139,6 +141,25 @@ async def test_it_refuses_before_the_first_token_with_the_upstreams_reason(misbe
         await run(remote(f"{misbehaving}/broken/v1"))
     with pytest.raises(RemoteUnavailable, match=r"sent nothing for 0\.5 s"):
         await run(remote(f"{misbehaving}/silent/v1", read_timeout=0.5))
+
+
+async def test_it_keeps_the_servers_address_out_of_the_errors_people_see(misbehaving: str, caplog) -> None:
+    # The URL may carry credentials: errors reach the people using the model
+    # (the reply's error on the page, the API's error body), the log only
+    # the address without them.
+    host = misbehaving.removeprefix("http://")
+    with pytest.raises(EngineBusy) as busy:
+        await run(remote(f"http://ops:hunter2@{host}/busy/v1"))
+    assert "hunter2" not in str(busy.value)
+    assert host not in str(busy.value)
+    assert "the remote server of model 'upstream'" in str(busy.value)
+    # Its own Retry-After is passed on.
+    assert busy.value.retry_after == 7
+    assert "hunter2" not in caplog.text
+    assert f"http://{host}/busy/v1" in caplog.text
+    with pytest.raises(RemoteUnavailable) as refused:
+        await run(remote(f"http://ops:hunter2@127.0.0.1:{free_port()}/v1"))
+    assert "hunter2" not in str(refused.value)
 
 
 async def test_it_reports_a_refused_connection() -> None:
