@@ -139,6 +139,36 @@ def get_list(key: str, default: list[str]) -> list[str]:
     raise ConfigError(f"{source} must be a list of strings, got {value!r}")
 
 
+def get_origins(key: str) -> list[str]:
+    """A list of web origins (``https://chat.example.com``, ``http://host:8000``):
+    scheme http or https, a host, an optional port, and nothing else."""
+    from urllib.parse import urlsplit
+
+    origins = get_list(key, [])
+    found = _lookup(key)
+    for origin in origins:
+        try:
+            parts = urlsplit(origin)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            parts = None
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or parts.username
+        ):
+            where = found[0] if found else key
+            raise ConfigError(
+                f"{where}: {origin!r} is not an origin; write scheme://host[:port], for example "
+                "https://chat.example.com"
+            )
+    return origins
+
+
 def get_table(key: str) -> dict[str, Any]:
     """A TOML table (file only: tables have no environment form)."""
     node: Any = FILE

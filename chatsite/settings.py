@@ -52,7 +52,7 @@ CSRF_TRUSTED_ORIGINS = config.get_list("server.csrf_trusted_origins", [])
 # The origins (scheme://host[:port]) whose pages may open the site's
 # WebSockets. Empty: http and https of every allowed host, and the origin
 # each handshake was sent to when its host is allowed (chatsite.origins).
-CHATSITE_ORIGINS = config.get_list("server.origins", [])
+CHATSITE_ORIGINS = config.get_origins("server.origins")
 
 INSTALLED_APPS = [
     # daphne first, so that runserver serves ASGI (and WebSockets) too.

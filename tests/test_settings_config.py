@@ -144,3 +144,17 @@ def test_it_reads_the_example_configuration_models() -> None:
     hub = {spec.source.location for spec in specs.values() if spec.source.kind == "hub"}
     assert any("Qwen2.5-0.5B-Instruct" in repo for repo in hub)
     assert any("Phi-3.5-mini-instruct" in repo for repo in hub)
+
+
+def test_it_documents_every_setting() -> None:
+    """Every key settings.py reads has a row in docs/configuration.md."""
+    import re
+
+    from chatsite.config import BASE_DIR
+
+    source = (BASE_DIR / "chatsite" / "settings.py").read_text()
+    keys = set(re.findall(r'config\.get_\w+\(\s*"([a-z_]+\.[a-z_]+)"', source))
+    assert len(keys) > 30
+    documented = (BASE_DIR / "docs" / "configuration.md").read_text()
+    missing = sorted(key for key in keys if f"`{key}`" not in documented and f"`{key}`," not in documented)
+    assert missing == []
