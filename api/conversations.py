@@ -74,9 +74,12 @@ def add_turns(
     return question
 
 
+@transaction.atomic
 def open_turn(
     *, user: AbstractBaseUser, session_id: str, model: str, messages: Sequence[tuple[str, str]]
 ) -> tuple[Conversation, Message]:
+    """The conversation and the question to answer; one transaction, so that
+    turns it refuses leave nothing behind (not even a new conversation)."""
     conversation = open_conversation(user=user, session_id=session_id, model=model)
     question = add_turns(conversation=conversation, messages=messages)
     conversation.refresh_from_db()

@@ -10,6 +10,7 @@ paths with ``{"error": "message"}``.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -177,16 +178,37 @@ def _busy(message: str, retry_after: int) -> ApiError:
     )
 
 
-def _validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
-    first = errors[0] if errors else {}
-    location = [str(part) for part in first.get("loc", ())]
+# Names pydantic puts in an error's location for the member of a union it
+# tried ("str", "list[TextPart]", "function-after[...]"): not field names.
+_UNION_MEMBER = re.compile(
+    r"^(str|int|float|bool|bytes|none|dict|list|tuple|set|literal|function-\w+)(\[.*\])?$"
+)
+
+
+def _param(location: Sequence[Any]) -> str | None:
+    parts = [str(part) for part in location]
     # Ninja's locations start with where the value came from and the argument's name.
-    if location[:1] in (["body"], ["query"], ["path"]):
-        location = location[2:] if location[0] == "body" else location[1:]
-    # Union members add their type names ("str", "list[TextPart]"): keep field names and indexes.
-    param = ".".join(part for part in location if part.isidentifier() or part.isdigit()) or None
-    message = str(first.get("msg", "Invalid request"))
-    if param is None and first.get("type") == "missing":
+    if parts[:1] in (["body"], ["query"], ["path"]):
+        parts = parts[2:] if parts[0] == "body" else parts[1:]
+    kept = [
+        part for part in parts if (part.isidentifier() or part.isdigit()) and not _UNION_MEMBER.match(part)
+    ]
+    return ".".join(kept) or None
+
+
+def _validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
+    if not errors:
+        return ApiError(400, "Invalid request", code="invalid_value")
+    first = errors[0]
+    param = _param(first.get("loc", ()))
+    # A union (a string or a list of strings) reports one error per member:
+    # the member of the value's own type says what is wrong with it ("at most
+    # 16 items"), the others only that it is not of theirs.
+    same_field = [error for error in errors if _param(error.get("loc", ())) == param]
+    telling = [error for error in same_field if not str(error.get("type", "")).endswith("_type")]
+    chosen = telling[0] if telling else first
+    message = str(chosen.get("msg", "Invalid request"))
+    if param is None and chosen.get("type") == "missing":
         return ApiError(400, "The request needs a JSON body.", code="missing_body")
     return ApiError(400, f"Invalid value for '{param}': {message}." if param else message, param=param)
 

@@ -29,6 +29,7 @@ from api.replies import (
     start_in_conversation,
     start_stateless,
 )
+from api.schemas import Text
 from api.selectors import access_api_conversation, api_conversations, api_shown_branch
 from api.sessions import delete_conversation
 from api.sse import event_stream, text_event
@@ -47,13 +48,13 @@ api = NinjaAPI(
 )
 install_handlers(api, original_error_response)
 
-Stop = str | list[str] | None
+Stop = Text | list[Text] | None
 _QUANTIZATION = re.compile(r"(?i)(?<![a-z0-9])(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32)(?=[.\-_]|$)")
 
 
 class CompletionBody(Schema):
     model: str | None = Field(default=None, min_length=1, max_length=100)
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=32_768)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -67,8 +68,8 @@ class ChatBody(Schema):
     model_config = ConfigDict(populate_by_name=True)
 
     model_name: str | None = Field(default=None, alias="model-name", min_length=1, max_length=100)
-    prompt: str = Field(min_length=1)
-    session_id: str | None = Field(default=None, alias="session-id", min_length=1, max_length=255)
+    prompt: Text = Field(min_length=1)
+    session_id: Text | None = Field(default=None, alias="session-id", min_length=1, max_length=255)
     max_token: int | None = Field(default=None, alias="max-token", ge=1, le=32_768)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, alias="top-p", gt=0, le=1)

@@ -12,21 +12,39 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from ninja import Schema
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SEED_RANGE = 2**63
 
 
+def _storable(value: str) -> str:
+    """Text the database can keep: PostgreSQL refuses NUL, and an unpaired
+    surrogate (JSON's ``"\\ud800"``) is not text in any encoding."""
+    if "\x00" in value:
+        raise ValueError("the text contains a NUL character (\\u0000)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"the text contains an unpaired surrogate (\\u{ord(value[exc.start]):04x}), which is not text"
+        ) from None
+    return value
+
+
+# A string a client sends that may be stored or shown.
+Text = Annotated[str, AfterValidator(_storable)]
+
+
 class TextPart(Schema):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessageIn(Schema):
     # "developer" is OpenAI's newer name for a system message.
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -64,7 +82,7 @@ class ResponseFormatJsonSchema(BaseModel):
 ResponseFormat = Annotated[
     ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")
 ]
-Stop = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None
+Stop = Text | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(max_length=16)] | None
 
 
 class SamplingFields(Schema):
@@ -92,7 +110,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=10_000)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=32_768)
     response_format: ResponseFormat | None = None
-    session_id: str | None = Field(
+    session_id: Text | None = Field(
         default=None,
         min_length=1,
         max_length=255,
@@ -104,7 +122,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(description="The text to continue (a list of one string is accepted).")
+    prompt: Text | list[Text] = Field(description="The text to continue (a list of one string is accepted).")
     echo: bool = False
 
 

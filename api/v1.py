@@ -34,6 +34,7 @@ from api.replies import (
 )
 from api.selectors import access_api_conversation, api_conversations, api_shown_branch
 from api.sessions import delete_conversation, export_conversation, read_import, write_import
+from chat.models import Conversation
 from inference import registry
 from inference.types import ChatMessage, InvalidRequest
 
@@ -118,19 +119,24 @@ def _failure(reply: StartedReply) -> ApiError | None:
     return None
 
 
-def _grammar(body: schemas.ChatCompletionRequest) -> str | None:
-    # Imported here: the engine loads llama.cpp, which importing the URLs
-    # (manage.py check, migrate) must not.
-    from inference.engine import grammar_for_json_schema, json_object_grammar
+async def _grammar(body: schemas.ChatCompletionRequest) -> str | None:
+    """The grammar of ``response_format``: a JSON schema is checked against
+    the limits of :mod:`inference.grammars` (a 400 naming the keyword that
+    is over), then converted, off the event loop."""
+    from inference.grammars import grammar_for_json_schema, json_object_grammar
 
     fmt = body.response_format
     if isinstance(fmt, schemas.ResponseFormatJsonObject):
         return json_object_grammar()
     if isinstance(fmt, schemas.ResponseFormatJsonSchema):
         try:
-            return grammar_for_json_schema(fmt.json_schema.schema_)
+            return await asyncio.to_thread(
+                grammar_for_json_schema, fmt.json_schema.schema_, param="response_format.json_schema.schema"
+            )
         except InvalidRequest as exc:
-            raise ApiError(400, str(exc), param="response_format", code="invalid_json_schema") from None
+            raise ApiError(
+                400, str(exc), param=exc.param or "response_format", code="invalid_json_schema"
+            ) from None
     return None
 
 
@@ -196,7 +202,7 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
         frequency_penalty=body.frequency_penalty,
         stop=body.stop,
         seed=body.seed,
-        grammar=_grammar(body),
+        grammar=await _grammar(body),
     )
     turns = [("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
     if body.session_id is not None:
@@ -462,7 +468,7 @@ async def import_conversations(request: HttpRequest, query: Query[ImportQuery]) 
 def _conversation_detail(caller: Caller, session_id: str) -> dict[str, Any]:
     try:
         conversation = access_api_conversation(user=caller.user, session_id=session_id)
-    except Exception:
+    except Conversation.DoesNotExist:
         raise _not_found(session_id) from None
     return {
         "id": conversation.session_id,

@@ -93,7 +93,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
-            frame = frames.parse(text_data, bytes_data)
+            try:
+                frame = frames.parse(text_data, bytes_data)
+            except FrameError:
+                await self.count_frame()  # a frame that is not one counts too
+                raise
             if frame["type"] != "stop":  # stopping a reply is never refused
                 await self.count_frame()
             handler = getattr(self, f"on_{frame['type']}")

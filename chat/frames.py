@@ -80,6 +80,11 @@ def _within_limit(value: str, key: str, limit: int | None = None) -> str:
         raise FrameError("too_large", f"{key} is {len(value)} characters long; the limit is {limit}.")
     if "\x00" in value:
         raise FrameError("invalid", f"{key} contains a NUL character.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON's "\ud800": not text in any encoding, and no database keeps it.
+        raise FrameError("invalid", f"{key} contains an unpaired surrogate, which is not text.") from None
     return value
 
 

@@ -6,12 +6,16 @@ so a handshake is accepted only when that origin is one of the site's own,
 compared in full: scheme, host and port (``http://127.0.0.1:9999`` is not
 ``http://127.0.0.1:8000``).
 
-The site's own origins are ``server.origins`` when it is set; otherwise the
-``http`` and ``https`` origins of every name in ``server.allowed_hosts``
-(default ports), the origin the handshake itself was sent to (its ``Host``
-header, when that host is allowed, with the scheme the connection has:
-``wss`` behind TLS, or ``X-Forwarded-Proto: https`` in the production
-profile), and ``server.csrf_trusted_origins``.
+The site's own origins are ``server.origins`` when it is set. Otherwise it
+is the origin the handshake was sent to, when its host is one of
+``server.allowed_hosts``: the ``Host`` header's name and port, with the
+scheme the connection has (``https`` for ``wss``, or for
+``X-Forwarded-Proto: https`` in the production profile; ``http``
+otherwise). So a site served on ``http://127.0.0.1:8000`` takes its own
+pages only, not those of ``http://127.0.0.1`` (port 80), ``:9999`` or
+``https://``: browsers send a host's cookies whatever port or scheme the page
+that opens the socket has, so each of those is another site.
+``server.csrf_trusted_origins`` are trusted in both cases.
 
 A handshake that carries an API key (``Authorization: Bearer ...``) needs
 no ``Origin``: it comes from a script, since a browser cannot set that
@@ -20,7 +24,7 @@ header on a WebSocket, and the key is what authenticates it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -50,15 +54,10 @@ def normalize_origin(origin: str) -> str | None:
     return f"{scheme}://{host}:{port}"
 
 
-def configured_origins() -> set[str]:
-    """The origins the settings name (``server.origins``, else those the
-    allowed hosts imply), with ``server.csrf_trusted_origins``."""
-    named: Iterable[str] = settings.CHATSITE_ORIGINS
-    if not named:
-        hosts = [host for host in settings.ALLOWED_HOSTS if host and host != "*" and not host.startswith(".")]
-        named = [f"{scheme}://{host}" for host in hosts for scheme in ("http", "https")]
-    trusted = [origin for origin in settings.CSRF_TRUSTED_ORIGINS if "*" not in origin]
-    return {found for origin in [*named, *trusted] if (found := normalize_origin(origin)) is not None}
+def _trusted() -> set[str]:
+    """``server.origins`` with ``server.csrf_trusted_origins``."""
+    named = [*settings.CHATSITE_ORIGINS, *(o for o in settings.CSRF_TRUSTED_ORIGINS if "*" not in o)]
+    return {found for origin in named if (found := normalize_origin(origin)) is not None}
 
 
 def _header(scope: Mapping[str, Any], name: bytes) -> str | None:
@@ -69,7 +68,8 @@ def _header(scope: Mapping[str, Any], name: bytes) -> str | None:
 
 
 def own_origin(scope: Mapping[str, Any]) -> str | None:
-    """The origin this handshake was sent to, when its host is allowed."""
+    """The origin this handshake was sent to (as its page would write it),
+    when its host is allowed; None without a usable Host header."""
     host = _header(scope, b"host")
     if not host:
         return None
@@ -90,7 +90,9 @@ def origin_allowed(scope: Mapping[str, Any]) -> bool:
     found = normalize_origin(origin)
     if found is None:
         return False
-    return found in configured_origins() or found == own_origin(scope)
+    if found in _trusted():
+        return True
+    return not settings.CHATSITE_ORIGINS and found == own_origin(scope)
 
 
 class SiteOriginValidator:

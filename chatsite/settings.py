@@ -139,6 +139,14 @@ STORAGES = {
 # Channels: the in-memory layer serves one process (the embedded default);
 # a Redis URL switches to the layer that several Daphne front ends share.
 REDIS_URL = config.get_str("channels.redis_url", "")
+# Messages the Redis layer keeps for one process before a send to it fails.
+# One Redis key holds every process-local channel of a process (its
+# WebSockets and, in workers mode, all its reply channels), and the capacity
+# counts over that key: channels-redis's default of 100 is two seconds of one
+# stream. 1000 absorbs a front end's stall of about a second (it reads about
+# 770 messages/s, measured); past it, the worker ends the job as an error
+# with its text (inference.workers).
+CHANNELS_CAPACITY = config.get_int("channels.capacity", 1000, minimum=10)
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
@@ -149,13 +157,7 @@ if REDIS_URL:
             # block; a dead Redis is still noticed within 15 s.
             "CONFIG": {
                 "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
-                # One Redis key holds every process-local channel of a process (its
-                # WebSockets and, in workers mode, all its reply channels), and the
-                # capacity counts over that key: the default 100 is two seconds of
-                # one stream. 1000 absorbs a front end's stall of about a second (it
-                # reads about 770 messages/s, measured); past it, the worker ends the
-                # job as an error with its text (inference.workers).
-                "channel_capacity": {"specific.*": 1000},
+                "channel_capacity": {"specific.*": CHANNELS_CAPACITY},
             },
         }
     }

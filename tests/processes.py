@@ -48,9 +48,16 @@ def manage(*args: str, env: Mapping[str, str], timeout: float = 300) -> subproce
     )
 
 
+class ServerUrl(str):
+    """A live server's URL, which also knows the server's process."""
+
+    process: subprocess.Popen[str]
+
+
 @contextmanager
-def daphne(env: Mapping[str, str]) -> Iterator[str]:
-    """A Daphne server of this project on a free loopback port; yields its URL."""
+def daphne(env: Mapping[str, str]) -> Iterator[ServerUrl]:
+    """A Daphne server of this project on a free loopback port; yields its
+    URL (a ``str`` with the ``process`` attached)."""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -69,7 +76,8 @@ def daphne(env: Mapping[str, str]) -> Iterator[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = ServerUrl(f"http://127.0.0.1:{port}")
+    url.process = process
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -68,6 +68,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             CHATSITE_INFERENCE_N_THREADS="1",
             CHATSITE_INFERENCE_WORKER_SECRET=WORKER_SECRET,
             CHATSITE_RATELIMIT_SESSION_REQUESTS_PER_MINUTE=str(SESSION_LIMIT),
+            # Small enough for the overflow test to fill before a reply ends.
+            CHATSITE_CHANNELS_CAPACITY="100",
         )
         workers, logs, worker_metrics = [], [], []
         for index in range(2):
@@ -157,7 +159,7 @@ def reply_capacity(env: dict[str, str]) -> int:
         "from channels.layers import get_channel_layer; "
         "print(get_channel_layer().get_capacity('specific.x!y'))"
     )
-    return int(manage("shell", "-c", code, env=env).stdout.split()[-1])
+    return int(manage("shell", "--verbosity", "0", "-c", code, env=env).stdout.split()[-1])
 
 
 class Spy:

@@ -38,6 +38,8 @@ from chat.sessions_io.formats import (
 )
 
 DERIVED_TITLE_LENGTH = 80
+# The setting that bounds a message's text in an import.
+_TEXT_SETTING = "chat.import_max_message_chars"
 
 
 def _type_name(value: Any) -> str:
@@ -86,13 +88,23 @@ class _Checker:
             raise self.fail(f'"{missing[0]}" is missing')
         return value
 
-    def text(self, value: Any, name: str, *, max_length: int | None = None, empty: bool = True) -> str:
+    def text(
+        self,
+        value: Any,
+        name: str,
+        *,
+        max_length: int | None = None,
+        empty: bool = True,
+        setting: str | None = None,
+    ) -> str:
+        """A string; ``setting`` names the limit ``max_length`` comes from."""
         if not isinstance(value, str):
             raise self.fail(f"{name} must be a string, not {_type_name(value)}")
         if not empty and not value:
             raise self.fail(f"{name} must not be empty")
         if max_length is not None and len(value) > max_length:
-            raise self.fail(f"{name} is longer than {max_length} characters")
+            limit = f" ({setting})" if setting else ""
+            raise self.fail(f"{name} is longer than {max_length} characters{limit}")
         if "\x00" in value:
             # PostgreSQL cannot store it; refusing it everywhere keeps files portable.
             raise self.fail(f"{name} contains a NUL character (\\u0000)")
@@ -285,7 +297,9 @@ def _validate_original(
                     id=uuid.uuid4(),
                     parent_id=message_plans[-1].id if message_plans else None,
                     role=where.choice(item["role"], "role", ROLES),
-                    content=where.text(item["content"], "content", max_length=max_chars),
+                    content=where.text(
+                        item["content"], "content", max_length=max_chars, setting=_TEXT_SETTING
+                    ),
                     created_at=next_time(),
                 )
             )
@@ -444,7 +458,9 @@ def _validate_full_conversation(
         owner_username=owner,
         session_owner=session_owner,
         model_name=where.text(item.get("model", default_model), '"model"', max_length=MODEL_MAX, empty=False),
-        system_prompt=where.text(item.get("system_prompt", ""), '"system_prompt"', max_length=max_chars),
+        system_prompt=where.text(
+            item.get("system_prompt", ""), '"system_prompt"', max_length=max_chars, setting=_TEXT_SETTING
+        ),
         created_at=created_at,
         updated_at=updated_at,
         current_leaf_id=current_leaf_id,
@@ -475,13 +491,13 @@ def _validate_full_message(
         id=where.uuid(item["id"], '"id"'),
         parent_id=None if parent is None else where.uuid(parent, '"parent"'),
         role=where.choice(item["role"], "role", ROLES),
-        content=where.text(item["content"], "content", max_length=max_chars),
+        content=where.text(item["content"], "content", max_length=max_chars, setting=_TEXT_SETTING),
         status=status,
         model_name=where.text(item.get("model", ""), '"model"', max_length=MODEL_MAX),
         finish_reason=where.text(
             item.get("finish_reason", ""), '"finish_reason"', max_length=FINISH_REASON_MAX
         ),
-        error=where.text(item.get("error", ""), '"error"', max_length=max_chars),
+        error=where.text(item.get("error", ""), '"error"', max_length=max_chars, setting=_TEXT_SETTING),
         prompt_tokens=where.count(item.get("prompt_tokens"), '"prompt_tokens"'),
         completion_tokens=where.count(item.get("completion_tokens"), '"completion_tokens"'),
         time_to_first_token=where.measure(item.get("time_to_first_token"), '"time_to_first_token"'),
