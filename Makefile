@@ -135,6 +135,7 @@ llama-server: $(LLAMA_SERVER)
 
 bench: install-dev $(LLAMA_SERVER)
 	LLAMA_SERVER=$(LLAMA_SERVER) $(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.hardening
 
 clean:
 	rm -rf $(VENV) staticfiles .mypy_cache .ruff_cache .pytest_cache

@@ -831,7 +831,12 @@ class Engine:
             self._end(running, "cancelled")
             return
         if model.is_end_of_generation(token):
-            self._end(running, "stop")
+            gave_up = running.sampler.grammar_gave_up
+            if gave_up is not None:
+                # The grammar ended the reply, not the model: its text breaks off.
+                self._end(running, "error", error=f"the reply's grammar ended it early: {gave_up}")
+            else:
+                self._end(running, "stop")
             return
         job.completion_tokens += 1
         if job.completion_tokens > 1:

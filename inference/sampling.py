@@ -6,68 +6,81 @@ typical 1.0, top-p, min-p, temperature and a seeded draw), so replies read as
 they did before the engine was batched; the penalties are applied by
 :class:`Penalties` with llama.cpp's arithmetic, to the same effect, faster.
 Prompt tokens are not fed to the penalties, as before. Worker thread only,
-except the grammar helpers.
+except the grammar helpers (from :mod:`inference.grammars`, re-exported here).
 """
 
 from __future__ import annotations
 
 import collections
-import json
+import ctypes
+import logging
 import os
+import time
 
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
 
+from inference.grammars import check_grammar, grammar_for_json_schema, json_object_grammar
 from inference.types import InvalidRequest, SamplingParams
+
+__all__ = [
+    "GRAMMAR_TOKEN_BUDGET_SECONDS",
+    "PENALTY_LAST_N",
+    "Penalties",
+    "SamplerChain",
+    "grammar_for_json_schema",
+    "json_object_grammar",
+]
+
+logger = logging.getLogger(__name__)
 
 # llama-cpp-python's last_n_tokens_size: the window of the repeat penalties.
 PENALTY_LAST_N = 64
-
-
-def json_object_grammar() -> str:
-    """The GBNF grammar of any JSON object (OpenAI's ``json_object`` format)."""
-    from llama_cpp.llama_grammar import JSON_GBNF
-
-    return str(JSON_GBNF)
-
-
-def grammar_for_json_schema(schema: object) -> str:
-    """The GBNF grammar of a JSON schema, through llama.cpp's converter.
-
-    Raises :class:`InvalidRequest` for a schema it cannot convert (the
-    converter supports most of JSON Schema, not all of it).
-    """
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    try:
-        return str(json_schema_to_gbnf(json.dumps(schema)))
-    except Exception as exc:  # the converter raises many kinds on schemas it does not support
-        raise InvalidRequest(f"the JSON schema cannot be turned into a grammar: {exc}") from None
+# The grammar's share of one token, past which the reply ends. The worst
+# tokens of the schemas inference.grammars accepts took 70 ms on this 2-core
+# machine, 120 ms while other tests ran (python -m bench.grammar); a grammar
+# that takes 1 s escaped the checks (an ambiguous recursive GBNF grammar, which
+# they do not analyse, grew from 17 to 83 to 534 ms over three tokens) and
+# would hold every other reply of the engine back as long.
+GRAMMAR_TOKEN_BUDGET_SECONDS = 1.0
+# A llama_token_data array as numpy sees it (llama_token id, float logit, float p).
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
 class SamplerChain:
     """A ``llama_sampler`` chain for one sequence; free it with :meth:`free`.
 
-    Raises :class:`InvalidRequest` when the grammar does not parse: llama.cpp
-    adds such a grammar to a chain as a null pointer and crashes on the first
-    token, so it is built alone first.
+    The grammar is checked (:func:`inference.grammars.check_grammar`) and then
+    compiled alone, so that one that does not parse is an
+    :class:`InvalidRequest` (llama.cpp would add it to a chain as a null
+    pointer and crash on the first token). It is applied before the chain on
+    each token, as a chain would, but watched: see :meth:`sample`.
     """
 
     def __init__(self, params: SamplingParams, vocab: llama_cpp.llama_vocab_p) -> None:
-        grammar = None
+        self._grammar = None
+        # Why the grammar ended the reply early, or None (see sample).
+        self.grammar_gave_up: str | None = None
         if params.grammar is not None:
-            grammar = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode("utf-8"), b"root")
-            if not grammar:
+            check_grammar(params.grammar)
+            self._end_token = _end_of_generation_token(vocab)
+            self._grammar = llama_cpp.llama_sampler_init_grammar(
+                vocab, params.grammar.encode("utf-8"), b"root"
+            )
+            if not self._grammar:
                 raise InvalidRequest("the grammar (or the JSON schema it was made from) cannot be used")
         chain_params = llama_cpp.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self._chain = llama_cpp.llama_sampler_chain_init(chain_params)
         self._penalties = Penalties(params) if Penalties.wanted(params) else None
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        if self._grammar is not None:
+            assert ctypes.sizeof(llama_cpp.llama_token_data) == _TOKEN_DATA.itemsize
+            self._ids = np.arange(self._n_vocab, dtype=np.int32)
+            self._candidates = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
+            self._candidates_pointer = self._candidates.ctypes.data_as(llama_cpp.llama_token_data_p)
         add = llama_cpp.llama_sampler_chain_add
-        if grammar is not None:
-            add(self._chain, grammar)  # the chain owns it from here
         if params.temperature == 0:
             add(self._chain, llama_cpp.llama_sampler_init_greedy())
         else:
@@ -81,19 +94,70 @@ class SamplerChain:
 
     def sample(self, context: llama_cpp.llama_context_p, index: int) -> int:
         """The next token from the logits at batch ``index``; it is also fed
-        to the penalties and (by llama.cpp) the grammar."""
+        to the penalties and the grammar.
+
+        With a grammar, the token is the end of generation once the grammar
+        allows no token (llama.cpp would abort the process on accepting any:
+        a grammar needing a character no token has), or once one token's
+        grammar work took longer than :data:`GRAMMAR_TOKEN_BUDGET_SECONDS`;
+        :attr:`grammar_gave_up` then says which.
+        """
         if self._penalties is not None:
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context, index), (self._n_vocab,))
             self._penalties.apply(logits)
-        token = int(llama_cpp.llama_sampler_sample(self._chain, context, index))
+        if self._grammar is None:
+            token = int(llama_cpp.llama_sampler_sample(self._chain, context, index))
+        elif self.grammar_gave_up is not None:
+            return self._end_token
+        else:
+            token = self._sample_with_grammar(context, index)
         if self._penalties is not None:
             self._penalties.accept(token)
         return token
+
+    def _sample_with_grammar(self, context: llama_cpp.llama_context_p, index: int) -> int:
+        """``llama_sampler_sample`` (the candidates, the grammar, the chain,
+        then accepting the token) with the grammar's outcome checked."""
+        candidates = self._candidates
+        candidates["id"] = self._ids
+        candidates["logit"] = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(context, index), (self._n_vocab,)
+        )
+        candidates["p"] = 0
+        array = llama_cpp.llama_token_data_array(self._candidates_pointer, self._n_vocab, -1, False)
+        started = time.perf_counter()
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        if candidates["logit"].max() == -np.inf:
+            return self._give_up("the grammar allows no further token")
+        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(array))
+        token = int(array.data[array.selected].id)
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        took = time.perf_counter() - started
+        if took > GRAMMAR_TOKEN_BUDGET_SECONDS:
+            self._give_up(f"one token's grammar work took {took:.1f} s")
+        return token
+
+    def _give_up(self, reason: str) -> int:
+        logger.warning("a grammar-constrained reply ends early: %s", reason)
+        self.grammar_gave_up = reason
+        return self._end_token
 
     def free(self) -> None:
         if self._chain is not None:
             llama_cpp.llama_sampler_free(self._chain)
             self._chain = None
+        if self._grammar is not None:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
+
+
+def _end_of_generation_token(vocab: llama_cpp.llama_vocab_p) -> int:
+    """The token that ends a reply (end of sequence, else end of turn)."""
+    for token in (llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab)):
+        if token >= 0 and llama_cpp.llama_vocab_is_eog(vocab, token):
+            return int(token)
+    raise InvalidRequest("this model has no end-of-generation token, so it cannot follow a grammar safely")
 
 
 class Penalties:
