@@ -10,15 +10,11 @@ show another user's session id starting a conversation of the caller's.
 from __future__ import annotations
 
 import json
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from django.contrib.sessions.models import Session
 from django.core.cache import cache
-from django.db import connection
 from django.test import Client, override_settings
 
 from api import services
@@ -27,6 +23,7 @@ from api.models import ApiKey
 from chat.models import Conversation, Message
 from chatsite import ratelimit
 from tests.base import MODEL, make_conversation, make_user
+from tests.hostile_helpers import stored_rows, table_locked
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -39,40 +36,6 @@ CHAT = {"model": MODEL, "messages": HELLO, "max_tokens": 1, "temperature": 0}
 def _fresh_budgets() -> None:
     """Rate limits are counted in the cache: each test starts with none spent."""
     cache.clear()
-
-
-def stored_rows() -> dict[str, list[tuple[Any, ...]]]:
-    """Every row a request could change: conversations, messages, API keys
-    and sessions. A key's ``last_used_at`` is left out: every request that
-    authenticates moves it (at most once a minute), refused or not."""
-    return {
-        "conversations": list(
-            Conversation.objects.order_by("id").values_list(
-                "id",
-                "owner_id",
-                "session_owner",
-                "external_id",
-                "title",
-                "model_name",
-                "system_prompt",
-                "temperature",
-                "max_tokens",
-                "updated_at",
-                "current_leaf_id",
-            )
-        ),
-        "messages": list(
-            Message.objects.order_by("id").values_list(
-                "id", "conversation_id", "parent_id", "role", "content", "status", "error"
-            )
-        ),
-        "api_keys": list(
-            ApiKey.objects.order_by("id").values_list(
-                "id", "user_id", "name", "prefix", "secret_hash", "expires_at", "revoked_at"
-            )
-        ),
-        "sessions": list(Session.objects.order_by("session_key").values_list("session_key", "expire_date")),
-    }
 
 
 def new_key(username: str = "alice", *, tokens_per_minute: int | None = None) -> tuple[ApiKey, str]:
@@ -443,25 +406,6 @@ def test_it_refuses_a_request_larger_than_the_keys_token_budget(path: str, body:
 
 
 # --- a database that refuses for now ---------------------------------------------------------
-
-
-@contextmanager
-def table_locked(table: str) -> Iterator[None]:
-    """Another connection holds a write transaction on ``table`` of the test
-    database (SQLite, in memory with a shared cache): queries of it fail at
-    once with ``database table is locked``, an OperationalError, as a
-    long import's write lock makes them fail after the busy timeout."""
-    name = connection.settings_dict["NAME"]
-    if connection.vendor != "sqlite" or not str(name).startswith("file:"):
-        pytest.skip("needs the in-memory SQLite test database")
-    other = sqlite3.connect(str(name), uri=True, isolation_level=None, check_same_thread=False)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        other.execute(f"UPDATE {table} SET id = id")
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
 
 
 # (table locked, method, path, body): the key's own table (every request

@@ -5,46 +5,15 @@ script asks for, and nothing is saved; a database that refuses for now is a
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
 import pytest
-from django.contrib.sessions.models import Session
-from django.db import connection
 from django.test import Client, override_settings
 from django.urls import reverse
 
-from api.models import ApiKey
-from chat.models import Conversation, Message
+from chat.models import Conversation
 from tests.base import MODEL, make_conversation
+from tests.hostile_helpers import stored_rows, table_locked
 
 SETTINGS = {"model": MODEL, "system_prompt": "Be brief.", "temperature": "0.3", "max_tokens": "64"}
-
-
-def stored_rows() -> dict[str, list[tuple[Any, ...]]]:
-    """Every row a form could change: conversations, messages, API keys and sessions."""
-    return {
-        "conversations": list(
-            Conversation.objects.order_by("id").values_list(
-                "id",
-                "owner_id",
-                "session_owner",
-                "title",
-                "model_name",
-                "system_prompt",
-                "temperature",
-                "max_tokens",
-                "updated_at",
-            )
-        ),
-        "messages": list(
-            Message.objects.order_by("id").values_list("id", "conversation_id", "content", "status")
-        ),
-        "api_keys": list(ApiKey.objects.order_by("id").values_list("id", "user_id", "prefix", "revoked_at")),
-        "sessions": list(Session.objects.order_by("session_key").values_list("session_key", "expire_date")),
-    }
 
 
 def own_conversation(client: Client) -> str:
@@ -114,24 +83,6 @@ def test_it_takes_a_system_prompt_of_exactly_the_limit(client: Client) -> None:
     response = client.post(url, {**SETTINGS, "system_prompt": prompt}, headers={"Accept": "application/json"})
     assert response.json() == {"saved": True}
     assert Conversation.objects.get().system_prompt == prompt
-
-
-@contextmanager
-def table_locked(table: str) -> Iterator[None]:
-    """Another connection holds a write transaction on ``table`` of the test
-    database (SQLite, in memory with a shared cache): queries of it fail at
-    once with ``database table is locked``, an OperationalError."""
-    name = connection.settings_dict["NAME"]
-    if connection.vendor != "sqlite" or not str(name).startswith("file:"):
-        pytest.skip("needs the in-memory SQLite test database")
-    other = sqlite3.connect(str(name), uri=True, isolation_level=None, check_same_thread=False)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        other.execute(f"UPDATE {table} SET id = id")
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
 
 
 @pytest.mark.django_db(transaction=True)

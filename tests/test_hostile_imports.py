@@ -11,16 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.contrib.sessions.models import Session
 from django.core.cache import cache
 from django.core.management import CommandError, call_command
 from django.test import Client, override_settings
 
 from api import services as api_services
-from api.models import ApiKey
 from chat import sessions_io
 from chat.models import Conversation, Message
 from tests.base import make_conversation, make_user
+from tests.hostile_helpers import stored_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -30,35 +29,6 @@ FULL = sessions_io.FULL_FORMAT
 @pytest.fixture(autouse=True)
 def _fresh_budgets() -> None:
     cache.clear()
-
-
-def stored_rows() -> dict[str, list[tuple[Any, ...]]]:
-    """Every row an import could change: conversations, messages, API keys
-    (but for ``last_used_at``, which every authenticated request moves) and
-    sessions."""
-    return {
-        "conversations": list(
-            Conversation.objects.order_by("id").values_list(
-                "id",
-                "owner_id",
-                "session_owner",
-                "external_id",
-                "title",
-                "system_prompt",
-                "updated_at",
-                "current_leaf_id",
-            )
-        ),
-        "messages": list(
-            Message.objects.order_by("id").values_list(
-                "id", "conversation_id", "parent_id", "role", "content", "status", "error"
-            )
-        ),
-        "api_keys": list(
-            ApiKey.objects.order_by("id").values_list("id", "user_id", "prefix", "secret_hash", "revoked_at")
-        ),
-        "sessions": list(Session.objects.order_by("session_key").values_list("session_key", "expire_date")),
-    }
 
 
 def full_file(*messages: dict[str, Any], **conversation: Any) -> dict[str, Any]:

@@ -10,29 +10,27 @@ process; no case generates text.
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.contrib.sessions.models import Session
 from django.core.cache import cache
-from django.db import connection
 from django.test import override_settings
 
 from api import services as api_services
 from api.consumers import ERROR_PREFIX
-from api.models import ApiKey
 from chat import services
 from chat.frames import max_frame_chars
-from chat.models import Conversation, Message
+from chat.models import Message
 from chatsite.routing import websocket_application
 from tests.base import MODEL, make_user
 from tests.consumer_helpers import ChatClient, new_session
+from tests.hostile_helpers import stored_rows as stored_rows_now
+from tests.hostile_helpers import table_locked
+
+stored_rows = database_sync_to_async(stored_rows_now)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -45,43 +43,6 @@ HOST = b"127.0.0.1:8000"
 def _fresh_budgets() -> None:
     """Frames and requests are counted in the cache: each test starts with none spent."""
     cache.clear()
-
-
-@database_sync_to_async
-def stored_rows() -> dict[str, list[tuple[Any, ...]]]:
-    """Every row a frame could change: conversations, messages, API keys
-    (but for ``last_used_at``, which every authenticated request moves) and
-    sessions."""
-    return {
-        "conversations": list(
-            Conversation.objects.order_by("id").values_list(
-                "id",
-                "owner_id",
-                "session_owner",
-                "external_id",
-                "title",
-                "model_name",
-                "system_prompt",
-                "temperature",
-                "max_tokens",
-                "updated_at",
-                "current_leaf_id",
-            )
-        ),
-        "messages": list(
-            Message.objects.order_by("id").values_list(
-                "id", "conversation_id", "parent_id", "role", "content", "status", "error"
-            )
-        ),
-        "api_keys": list(
-            ApiKey.objects.order_by("id").values_list(
-                "id", "user_id", "name", "prefix", "secret_hash", "expires_at", "revoked_at"
-            )
-        ),
-        "sessions": list(
-            Session.objects.order_by("session_key").values_list("session_key", "session_data", "expire_date")
-        ),
-    }
 
 
 def _conversation_with_a_reply(**owner: Any) -> dict[str, str]:
@@ -309,24 +270,6 @@ async def test_it_limits_the_frames_a_session_sends_but_never_stop() -> None:
     assert (await client.receive(wait=30))["code"] == "idle"
     assert await stored_rows() == before
     await client.close()
-
-
-@contextmanager
-def table_locked(table: str) -> Iterator[None]:
-    """Another connection holds a write transaction on ``table`` of the test
-    database (SQLite, in memory with a shared cache): queries of it fail at
-    once with ``database table is locked``, an OperationalError."""
-    name = connection.settings_dict["NAME"]
-    if connection.vendor != "sqlite" or not str(name).startswith("file:"):
-        pytest.skip("needs the in-memory SQLite test database")
-    other = sqlite3.connect(str(name), uri=True, isolation_level=None, check_same_thread=False)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        other.execute(f"UPDATE {table} SET id = id")
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
 
 
 @pytest.mark.parametrize(
