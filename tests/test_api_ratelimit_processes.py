@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -77,7 +78,7 @@ def test_it_keeps_concurrent_requests_on_two_processes_within_one_token_budget(
     budget = 120
     key = create_key(env, "alice", "--tokens-per-minute", str(budget))
     headers = {"Authorization": f"Bearer {key}"}
-    body = {
+    body: dict[str, Any] = {
         "model": "smollm2-135m",
         "messages": [{"role": "user", "content": "Name a colour."}],
         "max_tokens": 24,

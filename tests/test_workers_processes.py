@@ -87,7 +87,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             workers.append(process)
             logs.append(log)
             worker_metrics.append(f"http://127.0.0.1:{metrics_port}/metrics")
-        front_ends = [stack.enter_context(daphne(env)) for _ in range(2)]
+        front_ends: list[str] = [stack.enter_context(daphne(env)) for _ in range(2)]
         wait_for_workers(front_ends[0], 2)
         yield Cluster(front_ends, workers, logs, worker_metrics, f"{redis_url}/0", env)
 
