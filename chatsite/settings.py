@@ -133,7 +133,9 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = BASE_DIR / "staticfiles"
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+    # whitenoise's compressed manifest storage, which also hashes the names the
+    # chat page's JavaScript modules import (chatsite/storage.py).
+    "staticfiles": {"BACKEND": "chatsite.storage.StaticFilesStorage"},
 }
 
 # Channels: the in-memory layer serves one process (the embedded default);
