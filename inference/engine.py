@@ -4,15 +4,18 @@ and runs up to ``parallel`` requests at once by continuous batching.
 Threading contract
 ------------------
 * A llama.cpp context is not thread-safe. Each :class:`Engine` runs one worker
-  thread, and only that thread decodes, samples, touches the KV cache or the
-  RAM prompt cache, or frees the model.
+  thread, and only that thread decodes, samples, touches the KV cache, its
+  :class:`~inference.scheduler.Scheduler` (the slots and the RAM prompt
+  cache), or frees the model.
 * The worker keeps up to ``parallel`` sequences in slots and advances them
   together: each step is one ``llama_decode`` of one batch holding the next
   token of every sequence that is generating, plus prompt chunks of sequences
-  being admitted, up to :data:`STEP_TOKENS` tokens (at most
-  :data:`PROMPT_TOKENS_BESIDE_DECODING` of prompt while others generate). A
-  long prompt is therefore evaluated a chunk per step while the other streams
-  keep flowing.
+  being admitted, up to :data:`~inference.scheduler.STEP_TOKENS` tokens (at
+  most :data:`~inference.scheduler.PROMPT_TOKENS_BESIDE_DECODING` of prompt
+  while others generate). A long prompt is therefore evaluated a chunk per
+  step while the other streams keep flowing. The scheduler plans each step as
+  plain data, this module builds the batch and decodes it, and the scheduler
+  applies the result (see :meth:`Engine._step`).
 * Requests beyond the slots wait their turn in a FIFO queue of ``queue_size``
   places. When every slot and every place is taken, :meth:`Engine.stream`
   raises :class:`EngineBusy` at once instead of letting the caller wait
@@ -21,10 +24,11 @@ Threading contract
   always in the worker thread, so that one thread owns the model from load to
   free. (With an OpenMP build of llama.cpp, a model loaded in one thread and
   decoded in another decodes about nine times slower on CPU; the Makefile
-  builds without OpenMP.) Another thread that needs the model puts a load
-  request at the head of the queue and waits for it. Tokenizing reads only the
-  model's vocabulary, which llama.cpp never changes after loading, so
-  :meth:`count_prompt_tokens` may run on any thread once the model is loaded.
+  builds without OpenMP.) Another thread that needs the model adds a load
+  request, which the worker serves before any queued request, and waits for
+  it. Tokenizing reads only the model's vocabulary, which llama.cpp never
+  changes after loading, so :meth:`count_prompt_tokens` may run on any
+  thread once the model is loaded.
 * Events travel from the worker to the caller's event loop through
   ``loop.call_soon_threadsafe``; nothing in this module blocks a loop.
 * A cancel is a ``threading.Event`` the worker reads before every step: an
@@ -41,16 +45,15 @@ Threading contract
   than the running sequences move to the RAM prompt cache, since llama.cpp
   sizes every step's attention by the longest stream.
 * ``deterministic=True`` runs one sequence at a time and evaluates prompts in
-  :data:`PREFILL_CHUNK`-token chunks at fixed positions, reusing only whole
-  chunks, so that a greedy reply never depends on what ran before (see
-  :meth:`Engine._reuse_deterministic`).
+  :data:`~inference.scheduler.PREFILL_CHUNK`-token chunks at fixed positions,
+  reusing only whole chunks, so that a greedy reply never depends on what ran
+  before (see :meth:`inference.scheduler.Scheduler._reuse_deterministic`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import math
 import os
@@ -69,9 +72,17 @@ from inference.llama import (
     gpu_offload_supported,
     llama_cpp_version,
 )
-from inference.prompt_cache import PromptCache, common_prefix_length
 from inference.sampling import SamplerChain, grammar_for_json_schema, json_object_grammar
-from inference.slots import Running, Slot
+from inference.scheduler import (
+    STEP_TOKENS,
+    KvOperation,
+    PromptChunk,
+    ReuseSource,
+    SaveState,
+    Scheduler,
+    StepPlan,
+)
+from inference.slots import ScheduledRequest
 from inference.stops import StopMatcher
 from inference.streams import QueuedStream
 from inference.types import (
@@ -102,36 +113,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Deterministic mode: prompt tokens evaluated in one batch, at fixed positions.
-# On a 2-core CPU 64 to 128 tokens a batch evaluate fastest (about 900
-# tokens/s for the bundled model, against 740 for 512).
-PREFILL_CHUNK = 64
-# Tokens in one step of the batched engine (decode tokens and prompt chunks
-# together). 128 is the fastest prefill batch on 2 cores (see above), and a
-# step of 128 keeps the other streams' inter-token gap near 0.15 s while a
-# long prompt is admitted.
-STEP_TOKENS = 128
-# Prompt tokens a step takes while other sequences are generating: each step
-# is a gap between their tokens. With 64 instead of 128, streams beside a
-# 1,500-token prompt being admitted waited at most 340 instead of 640 ms for a
-# token (1 thread), and the prompt's first token came 3.5% later.
-PROMPT_TOKENS_BESIDE_DECODING = 64
+# The scheduling constants (step and chunk sizes, what is copied, saved and
+# shed) live with the policy, in inference.scheduler.
+
 # Sequences decoded together when neither the model nor the settings say:
 # batched decode on 2 CPU cores still gains up to 8 (llama-server: 310 against
 # 179 tokens/s with -np 8 and -np 1); on a GPU the KV cache of every slot is
 # reserved in video memory, so fewer.
 DEFAULT_PARALLEL_CPU = 8
 DEFAULT_PARALLEL_GPU = 4
-# A slot's tokens are saved to the RAM cache before being overwritten only
-# when there are enough of them to be worth restoring.
-MIN_SAVED_TOKENS = 32
-# Another slot's prefix is copied (a copy of its whole KV stream: 3 ms for a
-# 2,048-token stream of the bundled model, the time of about 2 prompt tokens)
-# only when it saves at least this many prompt tokens.
-MIN_COPIED_TOKENS = 8
-# Idle slots longer than every running sequence by more than this many tokens
-# move to the RAM cache (see Engine._shed_idle_slots).
-SHED_MARGIN = 256
 
 # Retry-After (Engine._retry_after): a step's time before one was measured
 # (about the bundled model's on 2 CPU cores), and the longest wait ever given.
@@ -139,8 +129,6 @@ DEFAULT_STEP_SECONDS = 0.05
 RETRY_AFTER_MAX = 120
 # Weight of the newest sample in the moving averages behind Retry-After.
 AVERAGE_WEIGHT = 0.2
-
-_CLOSE = object()
 
 
 def _moving_average(average: float | None, sample: float) -> float:
@@ -210,7 +198,16 @@ class _Job:
     started_at: float | None = None
     first_token_at: float | None = None
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    # Its request in the scheduler (its slot and progress) while it has a
+    # slot; unset when it ends, since the request refers back to the job.
+    scheduled: ScheduledRequest[_Job] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far; read before the job ends (its Finished
+        event keeps the final count)."""
+        scheduled = self.scheduled
+        return 0 if scheduled is None else scheduled.completion_tokens
 
 
 class Generation(QueuedStream):
@@ -273,7 +270,12 @@ class Engine:
         # An RLock (Condition's default): Generation.__del__ may run while this
         # thread already holds it.
         self._condition = threading.Condition()
-        self._waiting: collections.deque[_Job | _LoadRequest | object] = collections.deque()
+        # Jobs waiting for a slot, oldest first; guarded by _condition.
+        self._waiting: collections.deque[_Job] = collections.deque()
+        # Other threads' requests that the worker load the model, served
+        # before any waiting job (they must not wait behind requests that need
+        # the model anyway); guarded by _condition.
+        self._load_requests: list[_LoadRequest] = []
         # Jobs the worker has taken (admitted or being admitted); guarded by
         # _condition, read by the gauges and the queue-full check.
         self._active: set[_Job] = set()
@@ -286,15 +288,16 @@ class Engine:
         # request spent in its slot, once one has ended.
         self._step_seconds: float | None = None
         self._job_seconds: float | None = None
+        # Set once by close(), under _condition: no new work, and the worker
+        # ends its requests, frees the model and stops.
         self._closed = False
         self._thread: threading.Thread | None = None
         self.n_gpu_layers = 0
         self.model_path: str | None = None
         self.loaded_in_thread: str | None = None
-        # Worker thread only.
-        self._slots: list[Slot] = []
-        self._running: list[Running] = []
-        self._prompt_cache = PromptCache(self.prompt_cache_bytes, on_evict=self._count_eviction)
+        # Worker thread only: the loaded model's slots, running requests and
+        # RAM prompt cache (see the scheduler property).
+        self._scheduler: Scheduler[_Job] | None = None
 
     # -- state, read by /health and the metrics ------------------------------
 
@@ -314,12 +317,20 @@ class Engine:
     @property
     def waiting(self) -> int:
         with self._condition:
-            return sum(1 for job in self._waiting if isinstance(job, _Job))
+            return len(self._waiting)
 
     @property
     def running(self) -> int:
         """Requests in slots now (0 when idle)."""
         return len(self._active)
+
+    @property
+    def scheduler(self) -> Scheduler[_Job] | None:
+        """The loaded model's scheduler (its slots, their states and tokens,
+        the RAM prompt cache); None until the model is loaded. The worker
+        thread's: another thread may only look at it, and only while the
+        engine is idle (tests)."""
+        return self._scheduler
 
     @property
     def saturated(self) -> bool:
@@ -329,7 +340,7 @@ class Engine:
 
     def _is_full(self) -> bool:
         places = self.queue_size + max(0, self.parallel - len(self._active))
-        return sum(1 for job in self._waiting if isinstance(job, _Job)) >= places
+        return len(self._waiting) >= places
 
     def _retry_after(self) -> int:
         """Whole seconds until the queue has a place again (hold ``_condition``).
@@ -350,7 +361,7 @@ class Engine:
             if self._job_seconds is not None and job.started_at is not None:
                 remaining = min(remaining, max(step, self._job_seconds - (now - job.started_at)))
             estimates.append(remaining)
-        waiting = sum(1 for job in self._waiting if isinstance(job, _Job))
+        waiting = len(self._waiting)
         places = self.queue_size + max(0, self.parallel - len(self._active))
         needed = waiting - places + 1
         estimates.sort()
@@ -399,7 +410,7 @@ class Engine:
     def close(self) -> None:
         """Cancel every request, stop the worker and free the model.
 
-        The worker frees the model itself when it takes the close marker, so
+        The worker frees the model itself when it sees the engine closed, so
         the model is never freed under a running step.
         """
         with self._condition:
@@ -407,11 +418,9 @@ class Engine:
                 return
             self._closed = True
             pending = self._take_waiting(lambda job: True)
-            for request in self._waiting:
-                if isinstance(request, _LoadRequest):
-                    request.settle(ModelUnavailable(f"model {self.spec.name!r} is shutting down"))
-            self._waiting.clear()
-            self._waiting.append(_CLOSE)
+            loads, self._load_requests = self._load_requests, []
+            for request in loads:
+                request.settle(ModelUnavailable(f"model {self.spec.name!r} is shutting down"))
             self._condition.notify()
             for job in self._active:
                 job.cancelled.set()
@@ -438,7 +447,7 @@ class Engine:
 
     def _take_waiting(self, wanted: Callable[[_Job], bool]) -> list[_Job]:
         """Remove the wanted jobs from the queue (hold ``_condition``)."""
-        taken = [job for job in self._waiting if isinstance(job, _Job) and wanted(job)]
+        taken = [job for job in self._waiting if wanted(job)]
         if taken:
             self._waiting = collections.deque(job for job in self._waiting if job not in taken)
             metrics.requests_waiting.labels(self.spec.name).dec(len(taken))
@@ -454,58 +463,40 @@ class Engine:
             self._thread.start()
 
     def _serve_forever(self) -> None:
-        closing = False
-        while not closing:
-            admitted: list[_Job] = []
-            loads: list[_LoadRequest] = []
-            with self._condition:
-                while not self._waiting and not self._running:
-                    self._condition.wait()
-                while self._waiting:
-                    head = self._waiting[0]
-                    if head is _CLOSE:
-                        closing = True
-                        break
-                    if isinstance(head, _LoadRequest):
-                        loads.append(self._waiting.popleft())  # type: ignore[arg-type]
-                        continue
-                    if len(self._active) >= self.parallel:
-                        break
-                    job = self._waiting.popleft()
-                    assert isinstance(job, _Job)
-                    self._active.add(job)
-                    metrics.requests_waiting.labels(self.spec.name).dec()
-                    metrics.requests_running.labels(self.spec.name).inc()
-                    admitted.append(job)
+        while (work := self._take_work()) is not None:
+            loads, admitted = work
             for request in loads:
                 self._serve_load_request(request)
             for job in admitted:
-                job.started_at = time.monotonic()
-                if closing:
-                    self._finish(job, "cancelled")
-                    continue
-                try:
-                    self._admit(job)
-                except Exception as exc:  # never let one request kill the worker
-                    logger.exception("engine %s failed to admit a request", self.spec.name)
-                    self._finish(job, "error", error=str(exc) or type(exc).__name__)
-            if closing:
-                break
-            if self._running:
-                self._outbox = []
-                step_started = time.monotonic()
-                try:
-                    self._step()
-                    self._step_seconds = _moving_average(self._step_seconds, time.monotonic() - step_started)
-                except Exception as exc:  # never let one step kill the worker
-                    logger.exception("engine %s failed on a decode step", self.spec.name)
-                    for running in list(self._running):
-                        self._end(running, "error", error=str(exc) or type(exc).__name__)
-                finally:
-                    self._flush_outbox()
-        for running in list(self._running):
-            self._end(running, "cancelled")
+                self._start(job)
+            if self._has_running():
+                self._run_step()
+        scheduler = self._scheduler
+        if scheduler is not None:
+            for scheduled in list(scheduler.running):
+                self._end(scheduled, "cancelled")
         self._free()
+
+    def _take_work(self) -> tuple[list[_LoadRequest], list[_Job]] | None:
+        """Wait until there is work, then take every load request and as many
+        waiting jobs as there are free slots; None once the engine is closed."""
+        with self._condition:
+            while not (self._waiting or self._load_requests or self._closed or self._has_running()):
+                self._condition.wait()
+            if self._closed:
+                return None
+            loads, self._load_requests = self._load_requests, []
+            admitted: list[_Job] = []
+            while self._waiting and len(self._active) < self.parallel:
+                job = self._waiting.popleft()
+                self._active.add(job)
+                metrics.requests_waiting.labels(self.spec.name).dec()
+                metrics.requests_running.labels(self.spec.name).inc()
+                admitted.append(job)
+            return loads, admitted
+
+    def _has_running(self) -> bool:
+        return self._scheduler is not None and bool(self._scheduler.running)
 
     def _serve_load_request(self, request: _LoadRequest) -> None:
         try:
@@ -517,6 +508,14 @@ class Engine:
             request.settle(ModelUnavailable(f"model {self.spec.name!r} failed to load: {exc}"))
         else:
             request.settle()
+
+    def _start(self, job: _Job) -> None:
+        job.started_at = time.monotonic()
+        try:
+            self._admit(job)
+        except Exception as exc:  # never let one request kill the worker
+            logger.exception("engine %s failed to admit a request", self.spec.name)
+            self._finish(job, "error", error=str(exc) or type(exc).__name__)
 
     def _admit(self, job: _Job) -> None:
         """Tokenize a request, check it, and start it in a slot (its cached
@@ -541,276 +540,121 @@ class Engine:
             self._release(job)
             self._emit(job, exc)
             return
+        scheduler = self._scheduler
+        assert scheduler is not None
         job.prompt_tokens = len(prompt)
         params = job.request.params
-        slot = self._choose_slot(prompt)
-        running = Running(
-            job=job,
-            slot=slot,
-            prompt=prompt,
+        admission = scheduler.admit(
+            job,
+            prompt,
+            max_tokens=min(params.max_tokens, self.n_ctx - len(prompt)),
             sampler=sampler,
             stops=StopMatcher((*params.stop, *template_stops)),
-            max_tokens=min(params.max_tokens, self.n_ctx - len(prompt)),
-            feed=prompt[-1],
         )
-        self._wait_for_donor(running)
-        slot.running = running
-        slot.last_used = time.monotonic()
-        self._running.append(running)
+        job.scheduled = admission.request
+        self._record_reuse(len(prompt), admission.reused, admission.source)
+        self._record_kv_operations(admission.kv_operations)
 
-    # -- slots and the prompt cache ----------------------------------------------
-
-    def _choose_slot(self, prompt: list[int]) -> Slot:
-        """A free slot for ``prompt``, holding as much of its prefix as can be had.
-
-        The slot is the free one that keeps the running sequences' ids
-        adjacent (llama.cpp decodes a batch in one pass only over consecutive
-        sequence ids; a gap costs a second pass of the weights every step),
-        then the one whose cached tokens the request would discard fewest of,
-        then the one holding the longest prefix of the prompt, then the least
-        recently used. Its prefix then comes from the best of: what it holds,
-        another slot holding more (a conversation whose slot is taken, a
-        system prompt shared by many conversations), copied on the KV cache,
-        or the RAM cache. What the slot held is saved to the RAM cache first
-        when the request would discard most of it.
-        """
-        context = self._context
-        assert context is not None
-        end = len(prompt) - 1
-        target = prompt[:end]
-        free = [slot for slot in self._slots if slot.running is None]
-        if self.deterministic:
-            slot = free[0]
-            reused = self._reuse_deterministic(slot, target)
-            self._record_reuse(len(prompt), reused, "slot")
-            return slot
-        running = {slot.sequence for slot in self._slots if slot.running is not None}
-
-        def preference(slot: Slot) -> tuple[int, int, int, float]:
-            prefix = slot.shared_prefix(target)
-            return (_gaps(running | {slot.sequence}), len(slot.tokens) - prefix, -prefix, slot.last_used)
-
-        slot = min(free, key=preference)
-        reused = slot.shared_prefix(target)
-        if reused < len(slot.tokens) // 2:
-            self._save_to_ram(slot)
-        source = "slot"
-        donor_length, donor = max(
-            ((other.shared_prefix(target), other) for other in self._slots if other is not slot),
-            key=lambda pair: pair[0],
-            default=(0, slot),
-        )
-        cached, cached_length = self._prompt_cache.best(target) if self.prompt_cache_bytes else (None, 0)
-        if cached is not None and cached_length > max(reused, donor_length):
-            if context.restore(slot.sequence, cached.state):
-                slot.tokens = list(cached.tokens)
-                reused, source = cached_length, "ram"
-            else:  # a refused restore has emptied the sequence all the same
-                slot.tokens, reused = [], 0
-        if source == "slot" and donor_length >= reused + MIN_COPIED_TOKENS:
-            context.copy(donor.sequence, slot.sequence, donor_length)
-            slot.tokens = donor.tokens[:donor_length]
-            reused = donor_length
-        context.remove(slot.sequence, reused)
-        del slot.tokens[reused:]
-        self._record_reuse(len(prompt), reused, source)
-        return slot
-
-    def _wait_for_donor(self, running: Running) -> None:
-        """Have a new sequence wait for a sequence admitted before it that is
-        evaluating a longer shared prefix of its prompt (requests arriving
-        together with the same system prompt), so that prefix is evaluated
-        once and copied, instead of once per request."""
-        if self.deterministic:
-            return
-        have = len(running.slot.tokens)
-        best, best_length = None, have + MIN_COPIED_TOKENS - 1
-        for other in self._running:
-            if other.evaluating:
-                length = common_prefix_length(
-                    other.prompt[: other.prefill_end], running.prompt[: running.prefill_end]
-                )
-                if length > best_length:
-                    best, best_length = other, length
-        if best is not None:
-            running.donor, running.shared = best.slot, best_length
-
-    def _take_from_donor(self, running: Running) -> None:
-        """Copy a waiting sequence's shared prefix once its donor has
-        evaluated it (or as much as the donor's slot holds once it ended)."""
-        donor = running.donor
-        assert donor is not None
-        assert self._context is not None
-        available = common_prefix_length(donor.tokens, running.prompt[: running.shared])
-        still_evaluating = donor.running is not None and donor.running.evaluating
-        if available < running.shared and still_evaluating:
-            return
-        have = len(running.slot.tokens)
-        if available >= have + MIN_COPIED_TOKENS:
-            self._context.copy(donor.sequence, running.slot.sequence, available)
-            running.slot.tokens = donor.tokens[:available]
-            self._record_reuse(0, available - have, "slot")
-        running.donor, running.shared = None, 0
-
-    def _shed_idle_slots(self) -> None:
-        """Move idle slots much longer than every running sequence to the RAM
-        cache, emptying them.
-
-        llama.cpp sizes each step's attention by the longest sequence it holds
-        in any stream, running or not; a single short stream decoded beside
-        slots holding 1,500-token conversations ran at two thirds of its speed
-        (105 against 155 tokens/s).
-        Their state comes back from the RAM cache in milliseconds. Saving it
-        takes longer (about 45 ms for 1,500 tokens: llama.cpp gathers the
-        transposed V cache row by row) and is done here, before the step, all
-        at once; spreading it over the first decode steps cost the same in
-        all, in the stream's token gaps instead of its first token. A slot
-        whose state the RAM cache cannot keep (none, or too small) keeps it.
-        """
-        if not self.prompt_cache_bytes or not self._running:
-            return
-        assert self._context is not None
-        longest = max(len(running.prompt) + running.job.completion_tokens for running in self._running)
-        bound = longest + SHED_MARGIN
-        for slot in self._slots:
-            if slot.running is None and len(slot.tokens) > bound and self._save_to_ram(slot):
-                self._context.remove(slot.sequence, 0)
-                slot.tokens = []
-                slot.last_prefill = []
-                slot.whole_chunks = 0
-
-    def _reuse_deterministic(self, slot: Slot, target: list[int]) -> int:
-        """Trim the slot to the tokens a deterministic request may reuse.
-
-        llama.cpp's numbers for a position depend on the batch it was
-        evaluated in, so prompts are evaluated in ``PREFILL_CHUNK`` chunks at
-        fixed positions (0, C, 2C, ...) and only whole chunks are reused: a
-        position's values then never depend on the request's history. The one
-        exception: the very prompt evaluated last (a regenerated reply, a
-        repeated request) is reused whole, since it was computed in the same
-        chunks.
-        """
-        assert self._context is not None
-        chunk = self._prefill_chunk()
-        common = slot.shared_prefix(target)
-        if common == len(target) and slot.last_prefill == target:
-            reused = common
-        else:
-            reused = min(common, slot.whole_chunks) // chunk * chunk
-        slot.last_prefill = []
-        slot.whole_chunks = min(reused // chunk * chunk, slot.whole_chunks)
-        self._context.remove(slot.sequence, reused)
-        del slot.tokens[reused:]
-        return reused
-
-    def _save_to_ram(self, slot: Slot) -> bool:
-        """Keep a slot's state in the RAM cache; False when it is not kept
-        (too few tokens, no cache, or larger than the whole cache)."""
-        if not self.prompt_cache_bytes or len(slot.tokens) < MIN_SAVED_TOKENS:
-            return False
-        assert self._context is not None
-        kept = self._prompt_cache.put(slot.tokens, self._context.state_of(slot.sequence))
-        metrics.prompt_cache_bytes.labels(self.spec.name).set(self._prompt_cache.bytes)
-        return kept
+    # -- the prompt cache's metrics ------------------------------------------------
 
     def _count_eviction(self, _entry: object) -> None:
         metrics.prompt_cache_evictions.labels(self.spec.name).inc()
 
-    def _record_reuse(self, prompt_tokens: int, reused: int, source: str) -> None:
+    def _record_reuse(self, prompt_tokens: int, reused: int, source: ReuseSource) -> None:
         metrics.prefix_cache_queries.labels(self.spec.name).inc(prompt_tokens)
         metrics.prefix_cache_hits.labels(self.spec.name).inc(reused)
         metrics.prompt_cache_tokens.labels(self.spec.name, source).inc(reused)
 
+    def _record_kv_operations(self, operations: tuple[KvOperation, ...]) -> None:
+        """The RAM cache's size, once operations saved to it."""
+        if self._scheduler is not None and any(isinstance(op, SaveState) for op in operations):
+            metrics.prompt_cache_bytes.labels(self.spec.name).set(self._scheduler.prompt_cache.bytes)
+
     # -- one step ----------------------------------------------------------------
 
-    def _prefill_chunk(self) -> int:
-        return max(1, min(PREFILL_CHUNK, self.spec.n_batch))
+    def _run_step(self) -> None:
+        """A step, timed for Retry-After; a failure ends every running request
+        with its error instead of the worker."""
+        scheduler = self._scheduler
+        assert scheduler is not None
+        self._outbox = []
+        step_started = time.monotonic()
+        try:
+            self._step(scheduler)
+            self._step_seconds = _moving_average(self._step_seconds, time.monotonic() - step_started)
+        except Exception as exc:  # never let one step kill the worker
+            logger.exception("engine %s failed on a decode step", self.spec.name)
+            for scheduled in list(scheduler.running):
+                self._end(scheduled, "error", error=str(exc) or type(exc).__name__)
+        finally:
+            self._flush_outbox()
 
-    def _step(self) -> None:
-        """One ``llama_decode``: the next token of every generating sequence,
-        and prompt chunks of sequences being admitted, oldest first, up to the
-        step's token budget; entries in sequence-id order, so that llama.cpp
-        takes the decode tokens in one pass."""
-        context, batch = self._context, self._batch
-        assert context is not None
-        assert batch is not None
-        for running in list(self._running):
-            if running.job.cancelled.is_set():
-                self._end(running, "cancelled")
-        if not self._running:
+    def _step(self, scheduler: Scheduler[_Job]) -> None:
+        """One ``llama_decode``: the scheduler plans it (cancelled requests
+        having left first), it is decoded here, and the scheduler applies it;
+        then each generating request's token is sampled and streamed."""
+        self._end_cancelled(scheduler)
+        if not scheduler.running:
             return
-        for running in self._running:
-            if running.donor is not None:
-                self._take_from_donor(running)
-        self._shed_idle_slots()
-        decoding = [running for running in self._running if not running.prefilling]
-        budget = min(
-            PROMPT_TOKENS_BESIDE_DECODING if decoding else batch.capacity, batch.capacity - len(decoding)
-        )
-        chunks: dict[int, list[int]] = {}
-        for running in self._running:
-            if budget <= 0:
-                break
-            if not running.evaluating:
-                continue
-            start = len(running.slot.tokens)
-            stop = min(running.prefill_end, start + budget)
-            if self.deterministic:
-                chunk = self._prefill_chunk()
-                stop = min(running.prefill_end, (start // chunk + 1) * chunk)
-            chunks[id(running)] = running.prompt[start:stop]
-            budget -= stop - start
-        batch.clear()
-        logits_at: dict[int, int] = {}
-        owners: list[Running] = []
-        for running in sorted(self._running, key=lambda running: running.slot.sequence):
-            slot = running.slot
-            if not running.prefilling:
-                logits_at[id(running)] = batch.add(running.feed, len(slot.tokens), slot.sequence, logits=True)
-            elif id(running) in chunks:
-                owners.append(running)
-                start = len(slot.tokens)
-                for offset, token in enumerate(chunks[id(running)]):
-                    batch.add(token, start + offset, slot.sequence, logits=False)
-        if not batch.n_tokens:
-            return
+        plan = scheduler.plan()
+        if plan.copied_from_donors:
+            self._record_reuse(0, plan.copied_from_donors, "slot")
+        self._record_kv_operations(plan.kv_operations)
+        if not plan.entries:
+            return  # every request waits for a donor still evaluating
+        logits_at = self._fill_batch(plan)
         # Requests that ended above (cancelled) hear of it now, not after the decode.
         self._flush_outbox()
         self._outbox = []
-        status = self._decode(batch, owners)
+        status = self._decode(plan)
         if status != 0:
-            # llama.cpp keeps the micro-batches it finished before an abort or
-            # a failure: drop them too, so that each sequence's cache holds
-            # exactly its slot's tokens again, and the step can be redone.
-            for running in self._running:
-                context.remove(running.slot.sequence, len(running.slot.tokens))
+            scheduler.discard_step()
         if status == 2:
             return  # a prompt's owner cancelled: redo the step without them
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
-        if decoding:
-            metrics.decode_batch_size.labels(self.spec.name).observe(len(decoding))
-        for running in owners:
-            slot = running.slot
-            tokens = chunks[id(running)]
-            start = len(slot.tokens)
-            slot.tokens.extend(tokens)
-            if self.deterministic and len(tokens) == self._prefill_chunk() and start % len(tokens) == 0:
-                slot.whole_chunks = start + len(tokens)
-            if self.deterministic and not running.prefilling:
-                slot.last_prefill = running.prompt[: running.prefill_end]
-        for running in decoding:
-            running.slot.tokens.append(running.feed)
-            token = running.sampler.sample(context.pointer, logits_at[id(running)])
-            self._take_token(running, token)
-
-    def _decode(self, batch: Batch, owners: list[Running]) -> int:
-        """``llama_decode``, aborted early when the owner of a prompt chunk in
-        the batch is cancelled meanwhile (see :meth:`_cancel`)."""
+        if plan.decoding:
+            metrics.decode_batch_size.labels(self.spec.name).observe(len(plan.decoding))
         context = self._context
         assert context is not None
+        sampled = [
+            scheduled.sampler.sample(context.pointer, index)
+            for scheduled, index in zip(plan.decoding, logits_at, strict=True)
+        ]
+        scheduler.apply(plan)
+        for scheduled, token in zip(plan.decoding, sampled, strict=True):
+            self._take_token(scheduled, token)
+
+    def _end_cancelled(self, scheduler: Scheduler[_Job]) -> None:
+        for scheduled in list(scheduler.running):
+            if scheduled.owner.cancelled.is_set():
+                self._end(scheduled, "cancelled")
+
+    def _fill_batch(self, plan: StepPlan[_Job]) -> list[int]:
+        """Put a plan's entries in the batch, in their order; the batch index
+        of each decoded request's logits, in ``plan.decoding`` order."""
+        batch = self._batch
+        assert batch is not None
+        batch.clear()
+        logits_at: list[int] = []
+        for entry in plan.entries:
+            if isinstance(entry, PromptChunk):
+                sequence = entry.request.slot.sequence
+                for position, token in enumerate(entry.tokens, entry.start):
+                    batch.add(token, position, sequence, logits=False)
+            else:
+                slot = entry.slot
+                logits_at.append(batch.add(entry.feed, len(slot.tokens), slot.sequence, logits=True))
+        return logits_at
+
+    def _decode(self, plan: StepPlan[_Job]) -> int:
+        """``llama_decode`` of the filled batch, aborted early when the owner
+        of a prompt chunk in it is cancelled meanwhile (see :meth:`_cancel`)."""
+        context, batch = self._context, self._batch
+        assert context is not None
+        assert batch is not None
         with self._condition:
-            self._in_flight = {running.job for running in owners}
+            self._in_flight = {chunk.request.owner for chunk in plan.chunks}
             context.set_abort_flag(any(job.cancelled.is_set() for job in self._in_flight))
         try:
             return context.decode(batch)
@@ -819,51 +663,53 @@ class Engine:
                 self._in_flight = set()
                 context.set_abort_flag(False)
 
-    def _take_token(self, running: Running, token: int) -> None:
+    def _take_token(self, scheduled: ScheduledRequest[_Job], token: int) -> None:
         """Stream one sampled token's text, or end the sequence."""
         model = self._model
         assert model is not None
-        job = running.job
+        job = scheduled.owner
         now = time.monotonic()
         if job.first_token_at is None:
             job.first_token_at = now
         if job.cancelled.is_set():
-            self._end(running, "cancelled")
+            self._end(scheduled, "cancelled")
             return
         if model.is_end_of_generation(token):
-            gave_up = running.sampler.grammar_gave_up
+            gave_up = scheduled.sampler.grammar_gave_up
             if gave_up is not None:
                 # The grammar ended the reply, not the model: its text breaks off.
-                self._end(running, "error", error=f"the reply's grammar ended it early: {gave_up}")
+                self._end(scheduled, "error", error=f"the reply's grammar ended it early: {gave_up}")
             else:
-                self._end(running, "stop")
+                self._end(scheduled, "stop")
             return
-        job.completion_tokens += 1
-        if job.completion_tokens > 1:
-            metrics.inter_token_latency.labels(self.spec.name).observe(now - running.last_token_at)
-        running.last_token_at = now
-        text, stopped = running.stops.feed(running.decoder.decode(model.piece(token)))
+        scheduled.completion_tokens += 1
+        if scheduled.completion_tokens > 1:
+            metrics.inter_token_latency.labels(self.spec.name).observe(now - scheduled.last_token_at)
+        scheduled.last_token_at = now
+        text, stopped = scheduled.stops.feed(scheduled.decoder.decode(model.piece(token)))
         if text:
             self._emit(job, TextDelta(text))
         if stopped:
-            self._end(running, "stop")
-        elif job.completion_tokens >= running.max_tokens:
-            self._end(running, "length")
+            self._end(scheduled, "stop")
+        elif scheduled.completion_tokens >= scheduled.max_tokens:
+            self._end(scheduled, "length")
         else:
-            running.feed = token
+            scheduled.feed = token
 
-    def _end(self, running: Running, reason: FinishReason, *, error: str | None = None) -> None:
+    def _end(
+        self, scheduled: ScheduledRequest[_Job], reason: FinishReason, *, error: str | None = None
+    ) -> None:
         """Take a sequence out of its slot (its tokens stay cached there) and
         finish its request."""
-        self._running.remove(running)
-        running.slot.running = None
-        running.slot.last_used = time.monotonic()
-        running.sampler.free()
+        assert self._scheduler is not None
+        self._scheduler.finish(scheduled)
+        scheduled.sampler.free()
         if reason not in ("stop", "error"):
-            tail = running.stops.flush(running.decoder.decode(b"", final=True))
+            tail = scheduled.stops.flush(scheduled.decoder.decode(b"", final=True))
             if tail:
-                self._emit(running.job, TextDelta(tail))
-        self._finish(running.job, reason, error=error)
+                self._emit(scheduled.owner, TextDelta(tail))
+        self._finish(scheduled.owner, reason, error=error)
+        scheduled.owner.scheduled = None  # no cycle left for the garbage collector
 
     def _release(self, job: _Job) -> None:
         """Mark the worker free of ``job``; idempotent.
@@ -987,8 +833,7 @@ class Engine:
         with self._condition:
             if self._closed:
                 raise ModelUnavailable(f"model {self.spec.name!r} is shutting down")
-            # At the head: it must not wait behind requests that need the model anyway.
-            self._waiting.appendleft(request)
+            self._load_requests.append(request)
             self._ensure_thread()
             self._condition.notify()
         request.done.wait()
@@ -1006,9 +851,7 @@ class Engine:
             None if self._model is not None else ModelUnavailable(f"model {self.spec.name!r} failed to load")
         )
         with self._condition:
-            requests = [item for item in self._waiting if isinstance(item, _LoadRequest)]
-            for request in requests:
-                self._waiting.remove(request)
+            requests, self._load_requests = self._load_requests, []
         for request in requests:
             request.settle(error)
 
@@ -1045,11 +888,17 @@ class Engine:
         else:
             logger.warning("model %s has no chat template in its GGUF; using ChatML", self.spec.name)
             self._formatter = llama_chat_format.format_chatml
-        self._context = context
-        self._batch = Batch(
-            max(STEP_TOKENS, self.parallel) if not self.deterministic else self._prefill_chunk()
+        scheduler: Scheduler[_Job] = Scheduler(
+            context,
+            parallel=self.parallel,
+            deterministic=self.deterministic,
+            n_batch=self.spec.n_batch,
+            prompt_cache_bytes=self.prompt_cache_bytes,
+            on_evict=self._count_eviction,
         )
-        self._slots = [Slot(sequence) for sequence in range(self.parallel)]
+        self._context = context
+        self._batch = Batch(scheduler.step_tokens)
+        self._scheduler = scheduler
         self.n_gpu_layers = n_gpu_layers
         self.model_path = str(path)
         self.loaded_in_thread = threading.current_thread().name
@@ -1078,6 +927,8 @@ class Engine:
             model, self._model = self._model, None
             context, self._context = self._context, None
             batch, self._batch = self._batch, None
+            # The slots and the RAM prompt cache go with the context they describe.
+            self._scheduler = None
         if batch is not None:
             batch.free()
         if context is not None:
@@ -1087,11 +938,4 @@ class Engine:
             metrics.record_model_loaded(
                 model=self.spec.name, gpu_offload=self.n_gpu_layers != 0, loaded=False
             )
-        self._prompt_cache = PromptCache(self.prompt_cache_bytes, on_evict=self._count_eviction)
         metrics.prompt_cache_bytes.labels(self.spec.name).set(0)
-
-
-def _gaps(sequences: set[int]) -> int:
-    """Breaks in a set of sequence ids: llama.cpp's extra passes a step."""
-    ordered = sorted(sequences)
-    return sum(1 for a, b in itertools.pairwise(ordered) if b != a + 1)

@@ -162,6 +162,9 @@ class Context:
     against 154 tokens/s). The price is that llama.cpp evaluates a batch in
     micro-batches of consecutive sequence ids only, so the engine orders each
     batch by sequence id and keeps its running sequences adjacent.
+
+    Its ``copy``, ``remove``, ``state_of`` and ``restore`` are the KV store the
+    engine's scheduler works on (:class:`inference.scheduler.KvStore`).
     """
 
     def __init__(

@@ -10,9 +10,10 @@ from prometheus_client import REGISTRY
 
 from inference.engine import Engine
 from inference.prompt_cache import common_prefix_length
+from inference.slots import SlotState
 from inference.types import ChatMessage, Finished, GenerationRequest, TextDelta
 from tests.conftest import collect, greedy
-from tests.engine_helpers import batched
+from tests.engine_helpers import batched, scheduler_of
 from tests.metrics_helpers import prompt_cache_tokens
 
 
@@ -112,7 +113,8 @@ async def test_it_keeps_running_sequences_adjacent_and_copies_a_prefix_across() 
         ]
         reply, first = await collect(engine, GenerationRequest(history, greedy("", max_tokens=16).params))
         await collect(engine, greedy("Something else: name a fruit.", max_tokens=4))
-        assert [bool(slot.tokens) for slot in engine._slots] == [True, True, False, False]
+        slots = scheduler_of(engine).slots
+        assert [bool(slot.tokens) for slot in slots] == [True, True, False, False]
         long_running = engine.stream(greedy("Write a very long story about a dragon.", max_tokens=400))
         follow_up = GenerationRequest(
             [*history, ChatMessage("assistant", reply), ChatMessage("user", "Shorter, please.")],
@@ -120,16 +122,13 @@ async def test_it_keeps_running_sequences_adjacent_and_copies_a_prefix_across() 
         )
         async with long_running:
             await anext(long_running)  # it decodes in slot 2
-            running = {slot.sequence for slot in engine._slots if slot.running is not None}
+            running = {slot.sequence for slot in slots if slot.state is not SlotState.IDLE}
             assert running == {2}
             before = prompt_cache_tokens(engine.spec.name, "slot")
             beside, final = await collect(engine, follow_up)
             assert final.reason in ("stop", "length")
             assert prompt_cache_tokens(engine.spec.name, "slot") - before >= first.prompt_tokens
-            assert (
-                engine._slots[3].tokens[: first.prompt_tokens - 1]
-                == engine._slots[0].tokens[: first.prompt_tokens - 1]
-            )
+            assert slots[3].tokens[: first.prompt_tokens - 1] == slots[0].tokens[: first.prompt_tokens - 1]
         alone, _ = await collect(engine, follow_up)
         # The copied history reads as the original: the reply beside the
         # long-running one opens as the reply alone does.

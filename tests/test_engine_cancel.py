@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
-import llama_cpp
 import pytest
 from prometheus_client import REGISTRY
 
 from inference.engine import Engine, Generation
 from inference.types import Finished, ModelUnavailable, TextDelta
 from tests.conftest import collect, greedy, make_engine
-from tests.engine_helpers import batched, deterministic
+from tests.engine_helpers import assert_kv_cache_matches_slots, batched, deterministic
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +70,7 @@ async def test_it_cancels_during_prompt_evaluation() -> None:
         # What the engine believes each slot holds is what llama.cpp's KV cache
         # holds: an aborted chunk left nothing behind on either side.
         await collect(engine, greedy("And now something short.", max_tokens=2))
-        memory = engine._context.memory if engine._context else None
-        for slot in engine._slots:
-            assert llama_cpp.llama_memory_seq_pos_max(memory, slot.sequence) == len(slot.tokens) - 1
+        assert_kv_cache_matches_slots(engine)
     finally:
         engine.close()
 
@@ -189,8 +186,6 @@ async def test_a_cancel_during_prompt_evaluation_leaves_the_streams_beside_it_ru
             final = [event async for event in stream][-1]
             assert isinstance(final, Finished)
             assert final.reason in ("stop", "length"), final.error
-        memory = engine._context.memory if engine._context else None
-        for slot in engine._slots:
-            assert llama_cpp.llama_memory_seq_pos_max(memory, slot.sequence) == len(slot.tokens) - 1
+        assert_kv_cache_matches_slots(engine)
     finally:
         engine.close()

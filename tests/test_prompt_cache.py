@@ -9,7 +9,7 @@ import numpy as np
 from inference.prompt_cache import KvState, PromptCache, common_prefix_length
 from inference.types import ChatMessage, GenerationRequest, SamplingParams
 from tests.conftest import collect, greedy
-from tests.engine_helpers import batched
+from tests.engine_helpers import batched, scheduler_of
 from tests.metrics_helpers import prompt_cache_tokens
 
 
@@ -101,7 +101,7 @@ async def test_it_moves_long_idle_conversations_to_ram_while_a_short_one_decodes
             engine,
             GenerationRequest([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi.")], params),
         )
-        assert all(len(slot.tokens) < firsts[0][1].prompt_tokens for slot in engine._slots)
+        assert all(len(slot.tokens) < firsts[0][1].prompt_tokens for slot in scheduler_of(engine).slots)
         before = prompt_cache_tokens(engine.spec.name, "ram")
         for turn, (reply, _first) in zip(turns, firsts, strict=True):
             follow_up = [*turn, ChatMessage("assistant", reply), ChatMessage("user", "Shorter.")]
