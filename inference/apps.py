@@ -9,4 +9,10 @@ class InferenceConfig(AppConfig):
 
     def ready(self) -> None:
         # Registers the system checks of the model table; loads no model.
-        from inference import checks  # noqa: F401
+        from inference import checks, registry  # noqa: F401
+        from inference.remote import RemoteClient
+        from inference.workers.client import WorkerClient
+
+        # The clients above the registry in the layers (docs/architecture.md).
+        registry.register_client("remote", RemoteClient)
+        registry.register_client("workers", WorkerClient)

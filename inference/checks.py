@@ -4,7 +4,7 @@ of failing on the first request.
 
 ``manage.py`` commands run them (``inference_worker``, ``migrate``,
 ``check``); Daphne does not, so a front end without a valid secret refuses
-each request instead (:func:`inference.workers.sign`)."""
+each request instead (:func:`inference.workers.protocol.sign`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
 from inference import registry
-from inference.workers import worker_secret_problem
+from inference.workers.protocol import worker_secret_problem
 
 
 @register()

@@ -11,10 +11,10 @@ first use, and an in-process engine loads its weights on its first request.
 Which client serves a model:
 
 * a model with ``url``: :class:`inference.remote.RemoteClient`, in every mode;
-* ``inference.mode = "workers"``: :class:`inference.workers.WorkerClient`,
+* ``inference.mode = "workers"``: :class:`inference.workers.client.WorkerClient`,
   which sends each request to ``manage.py inference_worker`` processes over
-  the channel layer (a front end then loads no model), except in those worker
-  processes themselves, which call :func:`serve_locally` first;
+  the channel layer (a front end then loads no model); a worker process
+  makes its own engines (:func:`get_local_engine`) and is given them;
 * otherwise (``"local"``, the default): :class:`inference.engine.Engine`, in
   this process.
 """
@@ -22,7 +22,8 @@ Which client serves a model:
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 from django.conf import settings
 
@@ -49,6 +50,7 @@ __all__ = [
     "get_spec",
     "loaded_engines",
     "model_names",
+    "register_client",
 ]
 
 if TYPE_CHECKING:
@@ -80,30 +82,42 @@ def get_spec(name: str | None = None) -> ModelSpec:
 
 _engines: dict[str, EngineClient] = {}
 _engines_lock = threading.Lock()
-_serve_locally = False
+
+ClientKind = Literal["remote", "workers"]
+# The clients of the models this process does not run itself (a model with a
+# url; in workers mode, the GGUF models), registered by inference.apps at
+# start: the registry sits below them in the layers (docs/architecture.md)
+# and imports neither.
+_clients: dict[ClientKind, Callable[[ModelSpec], EngineClient]] = {}
 
 
-def serve_locally() -> None:
-    """Make this process run its GGUF models itself whatever
-    ``inference.mode`` says: called by an inference worker at its start."""
-    global _serve_locally
-    _serve_locally = True
+def register_client(kind: ClientKind, client: Callable[[ModelSpec], EngineClient]) -> None:
+    """Make ``client(spec)`` the client of remote models (``"remote"``) or of
+    the GGUF models of workers mode (``"workers"``)."""
+    _clients[kind] = client
+
+
+def _client_of(kind: ClientKind, spec: ModelSpec) -> EngineClient:
+    try:
+        client = _clients[kind]
+    except KeyError:
+        raise ModelUnavailable(
+            f"model {spec.name!r} needs the {kind} client, which is not registered (inference.apps does it)"
+        ) from None
+    return client(spec)
 
 
 def workers_mode() -> bool:
-    """Whether this process sends its GGUF models' requests to workers."""
-    return settings.CHATSITE_INFERENCE_MODE == "workers" and not _serve_locally
+    """Whether GGUF models' requests go to inference workers (a front end of
+    ``inference.mode = "workers"``)."""
+    return bool(settings.CHATSITE_INFERENCE_MODE == "workers")
 
 
 def _new_client(spec: ModelSpec) -> EngineClient:
     if spec.remote is not None:
-        from inference.remote import RemoteClient
-
-        return RemoteClient(spec)
+        return _client_of("remote", spec)
     if workers_mode():
-        from inference.workers import WorkerClient
-
-        return WorkerClient(spec)
+        return _client_of("workers", spec)
     return _new_local_engine(spec)
 
 
@@ -141,8 +155,9 @@ def get_engine(name: str | None = None) -> EngineClient:
 
 def get_local_engine(name: str | None = None) -> Engine:
     """The in-process engine of a GGUF model, whatever ``inference.mode``
-    says: for the code that needs the engine itself (the benchmark, the
-    engine's tests). Raises :class:`ModelUnavailable` for a remote model."""
+    says: for the code that needs the engine itself (an inference worker, the
+    benchmark, the engine's tests). Raises :class:`ModelUnavailable` for a
+    remote model."""
     from inference.engine import Engine
 
     spec = get_spec(name)

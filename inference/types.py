@@ -53,6 +53,14 @@ class EngineBusy(InferenceError):
         self.retry_after = max(1, int(retry_after))
 
 
+class WorkerLost(InferenceError):
+    """The inference worker running a request stopped answering (it died, or
+    lost Redis), before or after its first token (workers mode): nothing was
+    wrong with the request, and another worker may serve it when retried."""
+
+    kind = "worker_lost"
+
+
 class ContextLengthExceeded(InferenceError):
     """The prompt does not fit the model's context window."""
 
@@ -107,9 +115,9 @@ class SamplingParams:
     grammar: str | None = None
 
     def __post_init__(self) -> None:
-        def check(ok: bool, message: str) -> None:
+        def check(ok: bool, param: str, message: str) -> None:
             if not ok:
-                raise InvalidRequest(message)
+                raise InvalidRequest(message, param=param)
 
         for name in (
             "temperature",
@@ -122,35 +130,49 @@ class SamplingParams:
             value = getattr(self, name)
             check(
                 isinstance(value, int | float) and not isinstance(value, bool),
+                name,
                 f"{name} must be a number",
             )
-            check(math.isfinite(value), f"{name} must be a finite number")
-        check(0 <= self.temperature <= 2, "temperature must be between 0 and 2")
-        check(0 < self.top_p <= 1, "top_p must be greater than 0 and at most 1")
-        check(0 < self.repeat_penalty <= 10, "repeat_penalty must be greater than 0 and at most 10")
-        check(0 <= self.min_p <= 1, "min_p must be between 0 and 1")
-        check(-2 <= self.presence_penalty <= 2, "presence_penalty must be between -2 and 2")
-        check(-2 <= self.frequency_penalty <= 2, "frequency_penalty must be between -2 and 2")
+            check(math.isfinite(value), name, f"{name} must be a finite number")
+        check(0 <= self.temperature <= 2, "temperature", "temperature must be between 0 and 2")
+        check(0 < self.top_p <= 1, "top_p", "top_p must be greater than 0 and at most 1")
+        check(
+            0 < self.repeat_penalty <= 10,
+            "repeat_penalty",
+            "repeat_penalty must be greater than 0 and at most 10",
+        )
+        check(0 <= self.min_p <= 1, "min_p", "min_p must be between 0 and 1")
+        check(
+            -2 <= self.presence_penalty <= 2, "presence_penalty", "presence_penalty must be between -2 and 2"
+        )
+        check(
+            -2 <= self.frequency_penalty <= 2,
+            "frequency_penalty",
+            "frequency_penalty must be between -2 and 2",
+        )
         check(
             self.grammar is None or (isinstance(self.grammar, str) and bool(self.grammar.strip())),
+            "grammar",
             "grammar must be a non-empty string",
         )
         for name in ("top_k", "max_tokens"):
             value = getattr(self, name)
-            check(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer")
-        check(self.top_k >= 0, "top_k must be 0 (no limit) or more")
-        check(self.max_tokens >= 1, "max_tokens must be at least 1")
+            check(isinstance(value, int) and not isinstance(value, bool), name, f"{name} must be an integer")
+        check(self.top_k >= 0, "top_k", "top_k must be 0 (no limit) or more")
+        check(self.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1")
         check(
             isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
+            "stop",
             "stop must be a list of non-empty strings",
         )
-        check(len(self.stop) <= 16, "stop takes at most 16 strings")
+        check(len(self.stop) <= 16, "stop", "stop takes at most 16 strings")
         check(
             self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
+            "seed",
             "seed must be an integer",
         )
         if self.seed is not None:
-            check(0 <= self.seed < 2**32, "seed must be between 0 and 4294967295")
+            check(0 <= self.seed < 2**32, "seed", "seed must be between 0 and 4294967295")
 
 
 @dataclass(frozen=True)
@@ -167,11 +189,11 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         if self.prompt is not None:
             if self.messages:
-                raise InvalidRequest("a request has messages or a prompt, not both")
+                raise InvalidRequest("a request has messages or a prompt, not both", param="prompt")
             if not isinstance(self.prompt, str) or not self.prompt:
-                raise InvalidRequest("the prompt must be a non-empty string")
+                raise InvalidRequest("the prompt must be a non-empty string", param="prompt")
         elif not self.messages:
-            raise InvalidRequest("a request needs at least one message")
+            raise InvalidRequest("a request needs at least one message", param="messages")
         if self.transport not in TRANSPORTS:
             raise InvalidRequest(f"unknown transport {self.transport!r}")
 

@@ -14,7 +14,8 @@ from django.views.decorators.http import require_GET
 from django_prometheus.exports import ExportToDjangoView
 from prometheus_client import CollectorRegistry, generate_latest
 
-from inference import registry, workers
+from inference import registry
+from inference.workers import directory
 
 
 def _model_states() -> list[dict[str, object]]:
@@ -57,7 +58,7 @@ async def health(request: HttpRequest) -> JsonResponse:
     if registry.workers_mode():
         # The workers' own advertisements (in Redis, expiring): still no
         # database and no engine queue.
-        body["workers"] = await asyncio.to_thread(workers.live_workers)
+        body["workers"] = await asyncio.to_thread(directory.live_workers)
     return JsonResponse(body)
 
 
@@ -87,7 +88,7 @@ async def ready(request: HttpRequest) -> JsonResponse:
         if spec.remote is not None:
             pass  # a remote server: its health is its own; requests report its errors
         elif registry.workers_mode():
-            live = await asyncio.to_thread(workers.live_workers)
+            live = await asyncio.to_thread(directory.live_workers)
             if not any(spec.name in worker.get("models", {}) for worker in live):
                 reasons.append(f"no live inference worker serves the default model {spec.name!r}")
         elif engine is None or not engine.loaded:
@@ -114,7 +115,8 @@ def _exposition(request: HttpRequest) -> HttpResponse:
         # default one is also a worker's (--metrics-port), which must not
         # report this family.
         workers_registry = CollectorRegistry()
-        workers_registry.register(workers.WorkersCollector())
+        gguf = [name for name, spec in registry.configured_specs().items() if spec.remote is None]
+        workers_registry.register(directory.WorkersCollector(gguf))
         exposition.write(generate_latest(workers_registry))
     return exposition
 

@@ -42,7 +42,7 @@ def test_it_refuses_requests_without_a_key_when_one_is_required(client: Client) 
 
 def test_it_answers_a_lost_inference_worker_with_a_retryable_503() -> None:
     from api.errors import api_error_from
-    from inference.workers import WorkerLost
+    from inference.types import WorkerLost
 
     error = api_error_from(WorkerLost("the worker running this reply stopped answering"))
     assert error.status == 503

@@ -9,7 +9,8 @@ import re
 from django.test import Client, override_settings
 from prometheus_client.metrics import MetricWrapperBase
 
-from inference import metrics, workers
+from inference import metrics
+from inference.workers import directory as workers
 from tests.metrics_helpers import Scrape
 from tests.processes import ROOT
 from tests.servers import redis_server
@@ -54,7 +55,7 @@ def test_it_is_valid_json_and_uses_only_exported_metrics(client: Client) -> None
         if isinstance(metric, MetricWrapperBase)
         for family in metric.describe()
     }
-    defined |= {family.name for family in workers.WorkersCollector().describe()}
+    defined |= {family.name for family in workers.WorkersCollector([]).describe()}
     engine_families = {
         "chatsite_time_to_first_token_seconds",
         "chatsite_inter_token_latency_seconds",

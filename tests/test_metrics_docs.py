@@ -1,5 +1,5 @@
 """docs/metrics.md has a row for every metric family of inference/metrics.py,
-and for the front ends' family of live inference workers (inference/workers.py)."""
+and for the front ends' family of live inference workers (inference/workers/directory.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import re
 
 from prometheus_client.metrics import MetricWrapperBase
 
-from inference import metrics, workers
+from inference import metrics
+from inference.workers import directory as workers
 from tests.processes import ROOT
 
 # A row of a metrics table: | `name` | type | labels | meaning |
@@ -31,7 +32,7 @@ def defined_families() -> dict[str, tuple[str, tuple[str, ...]]]:
             (family,) = metric.describe()
             name = family.name + "_total" if family.type == "counter" else family.name
             families[name] = (family.type, tuple(metric._labelnames))
-    for family in workers.WorkersCollector().describe():
+    for family in workers.WorkersCollector([]).describe():
         families[family.name] = (family.type, tuple(family._labelnames))
     return families
 

@@ -417,7 +417,7 @@ def test_it_reports_a_write_the_database_refuses(tmp_path: Path, monkeypatch: py
     run("import_sessions", str(write(tmp_path, {"a": [{"role": "user", "content": "first"}]}, "a.json")))
     before = database_state()
     # As if another process wrote session "a" after the import looked for it.
-    monkeypatch.setattr(sessions_io, "_existing_matches", lambda plans, **owners: {})
+    monkeypatch.setattr(sessions_io.importing, "existing_matches", lambda plans, **owners: {})
     data = {"b": [{"role": "user", "content": "new"}], "a": [{"role": "user", "content": "again"}]}
     with pytest.raises(CommandError) as caught:
         run("import_sessions", str(write(tmp_path, data)))

@@ -3,7 +3,7 @@ every message carries an HMAC of its fields and of the channel it is sent to,
 a front end takes each of a worker's sequence numbers once and in order, and a
 worker whose send fails stops the job and says so. No processes: the
 in-memory channel layer, with the worker's side played by hand (or by a
-:class:`~inference.workers.Worker` on a tiny channel)."""
+:class:`~inference.workers.server.Worker` on a tiny channel)."""
 
 from __future__ import annotations
 
@@ -24,16 +24,9 @@ from django.test import override_settings
 from inference import registry
 from inference.checks import check_worker_secret
 from inference.types import EngineBusy, Finished
-from inference.workers import (
-    RunningJob,
-    UnsignedMessage,
-    Worker,
-    WorkerClient,
-    check_signed,
-    encode_request,
-    jobs_channel,
-    sign,
-)
+from inference.workers.client import WorkerClient
+from inference.workers.protocol import UnsignedMessage, check_signed, encode_request, jobs_channel, sign
+from inference.workers.server import RunningJob, Worker
 from tests.conftest import greedy
 
 SECRET = "kq3C4m0pQ9yq2n8wJ0x7vB1cZr5TgH6uLeA_s-dF2Ww"  # 43 characters, as token_urlsafe(32) makes
@@ -250,10 +243,9 @@ class Generation:
 
 
 @pytest.fixture
-def worker(monkeypatch: pytest.MonkeyPatch) -> Worker:
-    # A Worker makes its process serve models itself: undone after the test.
-    monkeypatch.setattr(registry, "_serve_locally", False)
-    worker = Worker([registry.get_spec().name])
+def worker() -> Worker:
+    # Given the engine it serves (created, not loaded: these tests generate nothing).
+    worker = Worker({registry.get_spec().name: registry.get_local_engine()})
     worker.layer = InMemoryChannelLayer(capacity=2)
     worker.control = "specific.inmemory!worker"
     return worker

@@ -60,10 +60,6 @@ from chat.sessions_io.importing import ImportResult, ImportsBusy, existing_match
 from chat.sessions_io.parsing import parse_sessions
 from chat.sessions_io.validation import DERIVED_TITLE_LENGTH, detect_format, validate_sessions
 
-# The importer looks this up here at call time, so that a test can stand in
-# for a concurrent writer by replacing it.
-_existing_matches = existing_matches
-
 __all__ = [
     "DERIVED_TITLE_LENGTH",
     "EXTERNAL_ID_MAX",

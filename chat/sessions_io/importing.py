@@ -127,16 +127,6 @@ def _owned_matches(
     return matches
 
 
-def _lookup_existing(
-    plans: Sequence[ConversationPlan], owner_ids: Mapping[str, int | None]
-) -> dict[str, list[Conversation]]:
-    # Looked up through the package at call time: tests replace
-    # chat.sessions_io._existing_matches to act as a concurrent writer.
-    from chat import sessions_io
-
-    return sessions_io._existing_matches(plans, owner_ids=owner_ids)
-
-
 def import_sessions(
     plans: Sequence[ConversationPlan], *, replace: bool = False, owner: AbstractBaseUser | None = None
 ) -> ImportResult:
@@ -193,7 +183,7 @@ def _write(
                 plan.name: owners[plan.owner_username] if plan.owner_username is not None else None
                 for plan in plans
             }
-            matches = _lookup_existing(plans, owner_ids)
+            matches = existing_matches(plans, owner_ids=owner_ids)
         doomed: list[uuid.UUID] = []
         if replace:
             doomed = [c.pk for found in matches.values() for c in found]

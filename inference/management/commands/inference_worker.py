@@ -9,7 +9,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from inference import registry, workers
+from inference import registry
+from inference.workers import protocol, server
 
 
 class Command(BaseCommand):
@@ -33,7 +34,7 @@ class Command(BaseCommand):
         if not settings.REDIS_URL:
             raise CommandError("an inference worker needs channels.redis_url (the Redis channel layer)")
         # The system check says the same; this is for --skip-checks.
-        problem = workers.worker_secret_problem()
+        problem = protocol.worker_secret_problem()
         if problem:
             raise CommandError(f"{problem}: an inference worker signs every message with it")
         specs = registry.configured_specs()
@@ -46,6 +47,9 @@ class Command(BaseCommand):
             from prometheus_client import start_http_server
 
             start_http_server(options["metrics_port"])
+        # The engines themselves, whatever inference.mode says (in this
+        # process it says workers, for which the registry gives clients).
+        engines = {name: registry.get_local_engine(name) for name in models}
         self.stdout.write(f"inference worker serving {', '.join(models)}")
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: a clean stop
-            workers.serve_forever(models)
+            server.serve_forever(engines)
