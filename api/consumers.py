@@ -23,9 +23,8 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from api.auth import authenticate, secret_from_scope
-from api.errors import ApiError, api_error_from
+from api.errors import ApiError, original_error_from, reply_error
 from api.original import ChatBody, start_chat
-from api.replies import record_usage
 from chatsite import ratelimit
 
 END = "__END__"
@@ -66,16 +65,16 @@ class OriginalChatConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
                 async for piece in reply.pieces():
                     await self.send(text_data=piece)
             finally:  # also when the socket closed (this task is cancelled)
-                await record_usage(reply)
-            ended = reply.ended
-            if ended is None or ended.finished is None or ended.error:
-                await self._error((ended.error if ended else "") or "generation failed")
+                await reply.aclose()
+            error = reply_error(reply.ended)
+            if error is not None:
+                await self._error(original_error_from(error).message)
                 return
             await self.send(text_data=END)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._error(api_error_from(exc).message)
+            await self._error(original_error_from(exc).message)
 
     async def _error(self, message: str) -> None:
         await self.send(text_data=ERROR_PREFIX + message)

@@ -7,7 +7,9 @@ user's own: an id another user took answers exactly as an unknown one (a new
 conversation of the caller's), so that none can be probed. The request's
 system messages set the conversation's system prompt; its other messages are
 appended to the shown branch, and the last of them must be the user's, the
-question the reply answers. Blocking (database): call through
+question the reply answers; turns it refuses raise
+:class:`~inference.types.InvalidRequest` naming the field (``param``), which
+the views answer with a 400. Blocking (database): call through
 ``database_sync_to_async``.
 """
 
@@ -19,10 +21,10 @@ from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import IntegrityError, transaction
 
-from api.errors import ApiError
 from api.selectors import access_api_conversation
 from chat import services
 from chat.models import Conversation, Message
+from inference.types import InvalidRequest
 
 
 def open_conversation(*, user: AbstractBaseUser, session_id: str, model: str) -> Conversation:
@@ -41,22 +43,22 @@ def open_conversation(*, user: AbstractBaseUser, session_id: str, model: str) ->
 def add_turns(
     *, conversation: Conversation, messages: Sequence[tuple[str, str]], param: str = "messages"
 ) -> Message:
-    """Store the request's messages; returns the user message to answer."""
+    """Store the request's messages; returns the user message to answer.
+    Raises :class:`~inference.types.InvalidRequest` about ``param`` (and
+    stores nothing) for turns it refuses."""
     system = [content for role, content in messages if role == "system"]
     turns = [(role, content) for role, content in messages if role != "system"]
     if not turns or turns[-1][0] != "user":
-        raise ApiError(
-            400,
+        raise InvalidRequest(
             "With a session_id, the last message must be the user's (the question to answer); earlier "
             "turns are stored by the server.",
             param=param,
         )
     if any(not content.strip() for role, content in turns if role == "user"):
-        raise ApiError(400, "A user message needs some text.", param=param)
+        raise InvalidRequest("A user message needs some text.", param=param)
     prompt = "\n\n".join(system)
     if len(prompt) > settings.CHATSITE_MAX_SYSTEM_PROMPT_CHARS:
-        raise ApiError(
-            400,
+        raise InvalidRequest(
             f"The system messages are {len(prompt)} characters long; a conversation's system prompt "
             f"takes at most {settings.CHATSITE_MAX_SYSTEM_PROMPT_CHARS}.",
             param=param,

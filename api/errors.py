@@ -1,10 +1,17 @@
 """The errors of the API and how each family of paths writes them.
 
-Views raise :class:`ApiError` (or let an :class:`~inference.types.InferenceError`
-or :class:`~chatsite.ratelimit.RateLimited` through); :func:`install_handlers`
-teaches a NinjaAPI to answer them: the /v1 paths with OpenAI's error object
-``{"error": {"message", "type", "param", "code"}}``, the original service's
-paths with ``{"error": "message"}``.
+Views raise :class:`ApiError` for what only the API refuses (an unknown
+model, a body too large) and let the errors of the layers below through as
+the objects they are: an :class:`~inference.types.InferenceError`
+(``InvalidRequest`` with its ``param``, ``EngineBusy`` with its
+``retry_after``...), :class:`~chatsite.ratelimit.RateLimited`, a failed
+generation (:class:`~chat.replies.ReplyFailed`), a refused sessions file.
+:func:`api_error_from` maps each, by its type and fields, to OpenAI's error
+object ``{"error": {"message", "type", "param", "code"}}`` with its status
+and headers; :func:`original_error_from` to the original service's
+``{"error": "message"}`` and its statuses. :func:`install_handlers` teaches
+a NinjaAPI to answer every exception so; :func:`reply_error` says why a
+reply the API answers did not complete (:class:`~chat.replies.ReplyEnded`).
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 
+from api.openai import ErrorBody, ErrorDetail
 from api.services import InvalidApiKey
-from chat.sessions_io import ImportsBusy
+from chat.replies import ReplyEnded, ReplyError, ReplyFailed
+from chat.sessions_io import ImportsBusy, SessionsFileError
 from chatsite.middleware import DATABASE_RETRY_AFTER
 from chatsite.ratelimit import RateLimited
 from inference.types import (
@@ -30,13 +39,14 @@ from inference.types import (
     InferenceError,
     InvalidRequest,
     ModelUnavailable,
+    WorkerLost,
 )
 
 logger = logging.getLogger(__name__)
 
-# Seconds a client should wait when the model's queue is full and nothing
-# better is known (the engine's own refusals carry their estimate).
-BUSY_RETRY_AFTER = 2
+# Seconds a client should wait before retrying a reply whose inference
+# worker died (another worker may take it at once).
+WORKER_LOST_RETRY_AFTER = 2
 
 
 class ApiError(Exception):
@@ -61,17 +71,13 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _param_of(message: str) -> str | None:
-    """The parameter an engine check names first ("top_p must be ...")."""
-    word = message.split(" ", 1)[0]
-    return word if word.replace("_", "").isalpha() and word.islower() else None
+        """OpenAI's error object."""
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorBody(error=detail).model_dump(mode="json")
 
 
 def api_error_from(exc: Exception) -> ApiError:
-    """The :class:`ApiError` that answers any error a view may meet."""
+    """The :class:`ApiError` (OpenAI's) that answers any error a view may meet."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, RateLimited):
@@ -82,14 +88,12 @@ def api_error_from(exc: Exception) -> ApiError:
             code="rate_limit_exceeded",
             headers={"Retry-After": str(exc.retry_after)},
         )
-    if isinstance(exc, ModelUnavailable):
-        return ApiError(503, str(exc), type="server_error", code="model_unavailable")
-    if isinstance(exc, EngineBusy):
-        return _busy(str(exc), exc.retry_after)
-    if isinstance(exc, InvalidRequest):
-        return ApiError(400, str(exc), param=exc.param or _param_of(str(exc)), code="invalid_value")
     if isinstance(exc, InferenceError):
-        return refusal_error(exc.kind, str(exc))
+        return _inference_error(exc)
+    if isinstance(exc, ReplyFailed):
+        return ApiError(500, f"The model failed while generating: {exc}", type="server_error", code="engine")
+    if isinstance(exc, SessionsFileError):
+        return ApiError(400, f"{exc}. Nothing was imported.", param="body", code="invalid_sessions_file")
     if isinstance(exc, InvalidApiKey | AuthenticationError):
         message = (
             str(exc)
@@ -141,21 +145,23 @@ def api_error_from(exc: Exception) -> ApiError:
     )
 
 
-# inference.workers.WorkerLost.kind (not imported: the API needs no worker code).
-WORKER_LOST = "worker_lost"
-
-
-def refusal_error(kind: str, message: str) -> ApiError:
-    """The answer to a reply refused before it started, from the
-    :class:`~inference.types.InferenceError` kind that refused it (the reply
-    runner reports a stored refusal by its kind and message only)."""
-    if kind == ContextLengthExceeded.kind:
+def _inference_error(exc: InferenceError) -> ApiError:
+    message = str(exc)
+    # By class, with its fields: an error an inference worker sent arrives as
+    # the same class (inference.workers.protocol.error_from).
+    if isinstance(exc, ContextLengthExceeded):
         return ApiError(400, message, param="messages", code="context_length_exceeded")
-    if kind == EngineBusy.kind:
-        return _busy(message, BUSY_RETRY_AFTER)
-    if kind == InvalidRequest.kind:
-        return ApiError(400, message, param=_param_of(message), code="invalid_value")
-    if kind == WORKER_LOST:
+    if isinstance(exc, InvalidRequest):
+        return ApiError(400, message, param=exc.param, code="invalid_value")
+    if isinstance(exc, EngineBusy):
+        return ApiError(
+            503,
+            message,
+            type="server_error",
+            code="engine_overloaded",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, WorkerLost):
         # The inference worker running the reply died: nothing about the
         # request was wrong, and another worker may serve it when retried.
         return ApiError(
@@ -163,19 +169,32 @@ def refusal_error(kind: str, message: str) -> ApiError:
             message,
             type="server_error",
             code="worker_lost",
-            headers={"Retry-After": str(BUSY_RETRY_AFTER)},
+            headers={"Retry-After": str(WORKER_LOST_RETRY_AFTER)},
         )
-    return ApiError(500, message, type="server_error", code=kind)
+    if isinstance(exc, ModelUnavailable):
+        return ApiError(503, message, type="server_error", code="model_unavailable")
+    return ApiError(500, message, type="server_error", code=exc.kind)
 
 
-def _busy(message: str, retry_after: int) -> ApiError:
-    return ApiError(
-        503,
-        message,
-        type="server_error",
-        code="engine_overloaded",
-        headers={"Retry-After": str(retry_after)},
-    )
+def original_error_from(exc: Exception) -> ApiError:
+    """The error the original service's paths answer: :func:`api_error_from`'s
+    status and message, but a failed generation says only why (as the
+    original did), and :func:`original_error_response` maps the statuses."""
+    if isinstance(exc, ReplyFailed):
+        return ApiError(500, str(exc))
+    return api_error_from(exc)
+
+
+def reply_error(ended: ReplyEnded) -> ReplyError | None:
+    """Why a reply the API answers did not complete, None when it did: the
+    runner's error, or (it has none) a generation cut short by something
+    other than the client (the engine shutting down, the row marked
+    interrupted), which is a failed generation to the API."""
+    if ended.error is not None:
+        return ended.error
+    if ended.finished is None or ended.finished.reason == "cancelled":
+        return ReplyFailed("the generation did not finish")
+    return None
 
 
 # Names pydantic puts in an error's location for the member of a union it
@@ -213,14 +232,18 @@ def _validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
     return ApiError(400, f"Invalid value for '{param}': {message}." if param else message, param=param)
 
 
-def openai_error_response(error: ApiError) -> HttpResponse:
+def openai_error_response(exc: Exception) -> HttpResponse:
+    """OpenAI's error object, with its status and headers."""
+    error = api_error_from(exc)
     response = JsonResponse(error.body(), status=error.status)
     for name, value in error.headers.items():
         response[name] = value
     return response
 
 
-def original_error_response(error: ApiError) -> HttpResponse:
+def original_error_response(exc: Exception) -> HttpResponse:
+    """The original service's ``{"error": "message"}``, with its statuses."""
+    error = original_error_from(exc)
     # The original service knew 400, 401, 404, 429 and 500: the others map to them.
     status = {413: 400, 503: 429}.get(error.status, error.status)
     response = JsonResponse({"error": error.message}, status=status)
@@ -229,12 +252,12 @@ def original_error_response(error: ApiError) -> HttpResponse:
     return response
 
 
-def install_handlers(api: NinjaAPI, render: Callable[[ApiError], HttpResponse]) -> None:
-    """Answer every exception through ``render`` (never Django's HTML 500 page)."""
+def install_handlers(api: NinjaAPI, respond: Callable[[Exception], HttpResponse]) -> None:
+    """Answer every exception through ``respond`` (never Django's HTML 500 page)."""
 
     def handle(request: HttpRequest, exc: Exception | type[Exception]) -> HttpResponse:
         assert isinstance(exc, Exception)
-        return render(api_error_from(exc))
+        return respond(exc)
 
     # Ninja registers its own handlers for these; the most specific one wins.
     for kind in (Exception, ValidationError, HttpError, Http404):

@@ -20,21 +20,21 @@ from pydantic import ConfigDict, Field
 
 from api.auth import ApiKeyAuth, Caller
 from api.conversations import open_turn
-from api.errors import ApiError, api_error_from, install_handlers, original_error_response
-from api.replies import (
-    StartedReply,
-    check_model,
-    record_usage,
-    sampling_params,
-    start_in_conversation,
-    start_stateless,
+from api.errors import (
+    ApiError,
+    install_handlers,
+    original_error_from,
+    original_error_response,
+    reply_error,
 )
+from api.replies import StartedReply, check_model, sampling_params, start_reply
 from api.schemas import Text
 from api.selectors import access_api_conversation, api_conversations, api_shown_branch
 from api.sessions import delete_conversation
 from api.sse import event_stream, text_event
 from chat import services
 from chat.models import Conversation
+from chat.replies import ReplyRun
 from inference import registry
 from inference.types import ChatMessage, ModelUnavailable
 
@@ -120,17 +120,19 @@ async def get_model(request: HttpRequest, model_id: str) -> Any:
     }
 
 
-async def _text_events(caller: Caller, reply: StartedReply) -> AsyncIterator[bytes]:
+async def _text_events(reply: StartedReply) -> AsyncIterator[bytes]:
+    """The reply as the original's events: its text pieces, then an
+    ``error`` event if it did not complete."""
     try:
         async for piece in reply.pieces():
             yield text_event(piece)
-        ended = reply.ended
-        if ended is None or ended.finished is None or ended.error:
-            yield b"event: error\n" + text_event((ended.error if ended else "") or "generation failed")
+        error = reply_error(reply.ended)
+        if error is not None:
+            yield b"event: error\n" + text_event(original_error_from(error).message)
     except Exception as exc:
-        yield b"event: error\n" + text_event(api_error_from(exc).message)
+        yield b"event: error\n" + text_event(original_error_from(exc).message)
     finally:  # also when the client went away (this task is cancelled)
-        await record_usage(reply)
+        await reply.aclose()
 
 
 @api.post("/completions")
@@ -140,16 +142,18 @@ async def completions(request: HttpRequest, body: CompletionBody) -> Any:
     params = sampling_params(
         max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop
     )
-    reply = await start_stateless(model=model, params=params, prompt=body.prompt, limits=caller.limits)
+    run = ReplyRun.stateless(
+        prompt=body.prompt, params=params, transport="api", model_name=model, limits=caller.limits
+    )
+    reply = await start_reply(run)
     if body.stream:
-        return event_stream(_text_events(caller, reply))
-    try:
-        text = await reply.text()
-    finally:
-        await record_usage(reply)
+        return event_stream(_text_events(reply))
+    text = await reply.text()
     ended = reply.ended
-    if ended is None or ended.finished is None or ended.error:
-        raise ApiError(500, (ended.error if ended else "") or "generation failed")
+    error = reply_error(ended)
+    if error is not None:
+        raise error
+    assert ended.finished is not None  # a reply that completed has the engine's counts
     return {"text": text, "model": model, "tokens": ended.finished.completion_tokens}
 
 
@@ -166,22 +170,33 @@ async def start_chat(caller: Caller, body: ChatBody) -> StartedReply:
         stop=body.stop,
     )
     if body.session_id is None:
-        return await start_stateless(
-            model=model, params=params, messages=[ChatMessage("user", body.prompt)], limits=caller.limits
+        run = ReplyRun.stateless(
+            messages=[ChatMessage("user", body.prompt)],
+            params=params,
+            transport="api",
+            model_name=model,
+            limits=caller.limits,
         )
-    conversation, question = await database_sync_to_async(open_turn)(
-        user=caller.user, session_id=body.session_id, model=model, messages=[("user", body.prompt)]
-    )
-    return await start_in_conversation(
-        conversation=conversation, question=question, model=model, params=params, limits=caller.limits
-    )
+    else:
+        conversation, question = await database_sync_to_async(open_turn)(
+            user=caller.user, session_id=body.session_id, model=model, messages=[("user", body.prompt)]
+        )
+        run = ReplyRun(
+            conversation=conversation,
+            parent=question,
+            params=params,
+            transport="api",
+            model_name=model,
+            limits=caller.limits,
+        )
+    return await start_reply(run)
 
 
 @api.post("/chat/completions")
 async def chat_completions(request: HttpRequest, body: ChatBody) -> Any:
     caller = _caller(request)
     reply = await start_chat(caller, body)
-    return event_stream(_text_events(caller, reply))
+    return event_stream(_text_events(reply))
 
 
 @api.get("/sessions")

@@ -1,10 +1,12 @@
-"""The bodies of the /v1 API: requests (validated) and responses (documented).
+"""The bodies of the /v1 API: requests (validated), and the responses of the
+endpoints OpenAI does not define (conversations, imports).
 
 Request models follow OpenAI's names and ranges; the OpenAPI document at
 /v1/openapi.json is made from them, and every body is validated against the
 same models before a view runs. Fields OpenAI defines that this service does
 not use (``tools``, ``logprobs``, ``metadata``...) are accepted and ignored,
-so that clients which always send them keep working.
+so that clients which always send them keep working. OpenAI's response
+objects, stream chunks and error object are in :mod:`api.openai`.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class ResponseFormatJsonSchema(BaseModel):
 ResponseFormat = Annotated[
     ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")
 ]
-Stop = Text | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(max_length=16)] | None
+StopString = Annotated[Text, Field(min_length=1)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=16)] | None
 
 
 class SamplingFields(Schema):
@@ -126,77 +129,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
 
 
-# -- responses ----------------------------------------------------------------
-
-
-class ErrorDetail(Schema):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorBody(Schema):
-    error: ErrorDetail
-
-
-class Usage(Schema):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class AssistantMessage(Schema):
-    role: Literal["assistant"]
-    content: str | None
-    refusal: str | None = None
-
-
-class ChatChoice(Schema):
-    index: int
-    message: AssistantMessage
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"]
-
-
-class ChatCompletion(Schema):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
-    session_id: str | None = None
-
-
-class CompletionChoice(Schema):
-    index: int
-    text: str
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"]
-
-
-class Completion(Schema):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
-
-
-class ModelOut(Schema):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(Schema):
-    object: Literal["list"]
-    data: list[ModelOut]
+# -- responses of this service's own endpoints (OpenAI's are in api.openai) ----------
 
 
 class ConversationSummary(Schema):

@@ -8,6 +8,7 @@ at most once a minute, so that a busy script does not write on every request.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, OperationalError, transaction
 from django.utils import timezone
 
 from api.models import ApiKey
@@ -96,8 +97,12 @@ def access_api_key(secret: str) -> ApiKey:
     if not key.user.is_active:
         raise InvalidApiKey("The user of this API key is inactive.")
     if key.last_used_at is None or now - key.last_used_at >= LAST_USED_PRECISION:
-        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
-        key.last_used_at = now
+        # Bookkeeping, not a reason to refuse the request: a database that
+        # refuses the write for now (SQLite's lock beside an import, or
+        # concurrent requests of one key) leaves it for the next request.
+        with contextlib.suppress(OperationalError), transaction.atomic():
+            ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+            key.last_used_at = now
     return key
 
 

@@ -17,7 +17,6 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 
-from api.errors import ApiError
 from api.selectors import access_api_conversation
 from chat import services, sessions_io
 from chat.models import Conversation
@@ -41,24 +40,16 @@ def export_conversation(*, user: AbstractBaseUser, session_id: str, format: sess
     return sessions_io.export_data(Conversation.objects.filter(pk=conversation.pk), format=format)
 
 
-def _refused(exc: sessions_io.SessionsFileError) -> ApiError:
-    return ApiError(400, f"{exc}. Nothing was imported.", param="body", code="invalid_sessions_file")
-
-
 def read_import(raw: bytes) -> list[sessions_io.ConversationPlan]:
-    """The plans of a sessions file, checked (no database)."""
-    try:
-        data = sessions_io.parse_sessions(raw)
-        return sessions_io.validate_sessions(data, model_name=settings.CHATSITE_DEFAULT_MODEL)
-    except sessions_io.SessionsFileError as exc:
-        raise _refused(exc) from None
+    """The plans of a sessions file, checked (no database); raises
+    :class:`~chat.sessions_io.SessionsFileError` naming what is wrong."""
+    data = sessions_io.parse_sessions(raw)
+    return sessions_io.validate_sessions(data, model_name=settings.CHATSITE_DEFAULT_MODEL)
 
 
 def write_import(
     *, user: AbstractBaseUser, plans: list[sessions_io.ConversationPlan], replace: bool
 ) -> sessions_io.ImportResult:
-    """Write checked plans as the user's conversations (database)."""
-    try:
-        return sessions_io.import_sessions(plans, replace=replace, owner=user)
-    except sessions_io.SessionsFileError as exc:
-        raise _refused(exc) from None
+    """Write checked plans as the user's conversations (database), all or
+    nothing; raises :class:`~chat.sessions_io.SessionsFileError`."""
+    return sessions_io.import_sessions(plans, replace=replace, owner=user)

@@ -1,40 +1,36 @@
 """The OpenAI-compatible API under /v1, and the conversations of its callers.
 
-Views translate between the wire and the layers below: they check the body
-(the schemas of :mod:`api.schemas`), start a reply (:mod:`api.replies`), and
-write OpenAI's response objects or server-sent events. Errors are OpenAI's
-error object (:mod:`api.errors`); a stream that fails after it started ends
-with one ``data: {"error": ...}`` event.
+Views translate between the wire and the layers below: they parse the body
+(the schemas of :mod:`api.schemas`), start a reply (:func:`api.replies.start_reply`
+on a :class:`chat.replies.ReplyRun`), and format it as OpenAI's objects or
+server-sent events (:mod:`api.openai`). Errors are OpenAI's error object
+(:mod:`api.errors`); a stream that fails after it started ends with one
+``data: {"error": ...}`` event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from ninja import NinjaAPI, Query, Schema
+from ninja.openapi.schema import OpenAPISchema
 from ninja.renderers import JSONRenderer
 
-from api import schemas
+from api import openai, schemas
 from api.auth import ApiKeyAuth, Caller
 from api.conversations import open_turn
-from api.errors import ApiError, api_error_from, install_handlers, openai_error_response
-from api.replies import (
-    StartedReply,
-    check_model,
-    record_usage,
-    sampling_params,
-    start_in_conversation,
-    start_stateless,
-)
+from api.errors import ApiError, api_error_from, install_handlers, openai_error_response, reply_error
+from api.replies import StartedReply, check_model, sampling_params, start_reply
 from api.selectors import access_api_conversation, api_conversations, api_shown_branch
 from api.sessions import delete_conversation, export_conversation, read_import, write_import
+from api.sse import DONE, event_stream, json_event
 from chat.models import Conversation
+from chat.replies import ReplyRun
 from inference import registry
 from inference.types import ChatMessage, InvalidRequest
 
@@ -47,7 +43,19 @@ class _Renderer(JSONRenderer):
     json_dumps_params = {"ensure_ascii": False}
 
 
-api = NinjaAPI(
+class _OpenAiApi(NinjaAPI):
+    """A NinjaAPI whose OpenAPI document also has the models a stream sends
+    (ninja documents only what views return)."""
+
+    def get_openapi_schema(
+        self, *, path_prefix: str | None = None, path_params: dict[str, Any] | None = None
+    ) -> OpenAPISchema:
+        document = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
+        document["components"]["schemas"].update(openai.stream_components())
+        return document
+
+
+api = _OpenAiApi(
     title="chatsite API",
     version="1",
     description=(
@@ -62,61 +70,11 @@ api = NinjaAPI(
 )
 install_handlers(api, openai_error_response)
 
-# Added to the JSON body ninja documents for 200 (an int key: ninja merges
-# it into that response). Before Open API 3.2 the schema of an event stream
-# describes one event.
-_STREAMS = {
-    200: {
-        "description": "The completion; with `stream: true`, server-sent events, then `data: [DONE]`.",
-        "content": {
-            "text/event-stream": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "data": {
-                            "type": "string",
-                            "description": 'A JSON chunk, an error object `{"error": ...}`, or `[DONE]`.',
-                        },
-                        "event": {"type": "string"},
-                    },
-                    "required": ["data"],
-                }
-            }
-        },
-    }
-}
-
 
 def _caller(request: HttpRequest) -> Caller:
     caller = request.auth  # type: ignore[attr-defined]
     assert isinstance(caller, Caller)
     return caller
-
-
-def _completion_id(kind: str) -> str:
-    return f"{kind}-{uuid.uuid4().hex}"
-
-
-def _usage(reply: StartedReply) -> dict[str, int]:
-    finished = reply.ended.finished if reply.ended is not None else None
-    prompt = finished.prompt_tokens if finished is not None else 0
-    completion = finished.completion_tokens if finished is not None else 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _finish_reason(reply: StartedReply) -> Literal["stop", "length"]:
-    finished = reply.ended.finished if reply.ended is not None else None
-    return "length" if finished is not None and finished.reason == "length" else "stop"
-
-
-def _failure(reply: StartedReply) -> ApiError | None:
-    ended = reply.ended
-    if ended is None or ended.finished is None or ended.error or ended.finished.reason == "cancelled":
-        reason = (ended.error if ended is not None else "") or "the generation did not finish"
-        return ApiError(
-            500, f"The model failed while generating: {reason}", type="server_error", code="engine"
-        )
-    return None
 
 
 async def _grammar(body: schemas.ChatCompletionRequest) -> str | None:
@@ -140,52 +98,48 @@ async def _grammar(body: schemas.ChatCompletionRequest) -> str | None:
     return None
 
 
-async def _stream(
-    reply: StartedReply,
-    chunk: Any,
-    *,
-    first: dict[str, Any] | None,
-    include_usage: bool,
-    object_name: str,
-    completion_id: str,
-    created: int,
-    model: str,
-) -> AsyncIterator[bytes]:
-    from api.sse import DONE, json_event
+async def _whole(reply: StartedReply) -> str:
+    """The reply's text, once it completed; raises why it did not."""
+    text = await reply.text()
+    error = reply_error(reply.ended)
+    if error is not None:
+        raise error
+    return text
+
+
+async def _stream(reply: StartedReply, chunks: openai.ChunkStream) -> AsyncIterator[bytes]:
+    """The reply as OpenAI's server-sent events: ``chunks``, then
+    ``[DONE]``; a reply that fails ends with the error object instead."""
+
+    def event(chunk: openai.Chunk) -> bytes:
+        return json_event(chunks.dump(chunk))
 
     try:
-        if first is not None:
-            yield json_event(chunk(first, None))
+        for chunk in chunks.opening():
+            yield event(chunk)
         async for piece in reply.pieces():
-            yield json_event(chunk(piece, None))
-        failure = _failure(reply)
-        if failure is not None:
-            yield json_event(failure.body())
+            yield event(chunks.chunk(piece))
+        error = reply_error(reply.ended)
+        if error is not None:
+            yield json_event(api_error_from(error).body())
             return
-        yield json_event(chunk(None, _finish_reason(reply)))
-        if include_usage:
-            yield json_event(
-                {
-                    "id": completion_id,
-                    "object": object_name,
-                    "created": created,
-                    "model": model,
-                    "system_fingerprint": None,
-                    "choices": [],
-                    "usage": _usage(reply),
-                }
-            )
+        for chunk in chunks.closing(reply.ended):
+            yield event(chunk)
         yield DONE
     except Exception as exc:  # after the first byte, an error can only be an event
         yield json_event(api_error_from(exc).body())
     finally:  # also when the client went away (this task is cancelled)
-        await record_usage(reply)
+        await reply.aclose()
+
+
+def _include_usage(body: schemas.SamplingFields) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
 @api.post(
     "/chat/completions",
-    response={200: schemas.ChatCompletion, ERRORS: schemas.ErrorBody},
-    openapi_extra={"responses": _STREAMS},
+    response={200: openai.ChatCompletion, ERRORS: openai.ErrorBody},
+    openapi_extra={"responses": openai.event_stream_response(openai.ChatCompletionChunk)},
     summary="Create a chat completion",
 )
 async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionRequest) -> Any:
@@ -205,84 +159,41 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
         grammar=await _grammar(body),
     )
     turns = [("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
+    conversation: Conversation | None = None
     if body.session_id is not None:
         conversation, question = await database_sync_to_async(open_turn)(
             user=caller.user, session_id=body.session_id, model=model, messages=turns
         )
-        reply = await start_in_conversation(
-            conversation=conversation, question=question, model=model, params=params, limits=caller.limits
+        run = ReplyRun(
+            conversation=conversation,
+            parent=question,
+            params=params,
+            transport="api",
+            model_name=model,
+            limits=caller.limits,
         )
     else:
-        messages = [ChatMessage(role, content) for role, content in turns]
-        reply = await start_stateless(model=model, params=params, messages=messages, limits=caller.limits)
-
-    completion_id, created = _completion_id("chatcmpl"), int(time.time())
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(delta: str | dict[str, Any] | None, finish_reason: str | None) -> dict[str, Any]:
-            if isinstance(delta, str):
-                delta = {"content": delta}
-            data: dict[str, Any] = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "system_fingerprint": None,
-                "choices": [
-                    {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}
-                ],
-            }
-            if include_usage:
-                data["usage"] = None
-            return data
-
-        from api.sse import event_stream
-
-        return event_stream(
-            _stream(
-                reply,
-                chunk,
-                first={"role": "assistant", "content": ""},
-                include_usage=include_usage,
-                object_name="chat.completion.chunk",
-                completion_id=completion_id,
-                created=created,
-                model=model,
-            )
+        run = ReplyRun.stateless(
+            messages=[ChatMessage(role, content) for role, content in turns],
+            params=params,
+            transport="api",
+            model_name=model,
+            limits=caller.limits,
         )
-    try:
-        text = await reply.text()
-    finally:
-        await record_usage(reply)
-    failure = _failure(reply)
-    if failure is not None:
-        raise failure
-    result: dict[str, Any] = {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": _finish_reason(reply),
-            }
-        ],
-        "usage": _usage(reply),
-        "system_fingerprint": None,
-    }
-    if reply.conversation is not None:
-        result["session_id"] = reply.conversation.session_id
-    return result
+    reply = await start_reply(run)
+
+    head = openai.CompletionHead.new(prefix="chatcmpl", model=model)
+    if body.stream:
+        return event_stream(_stream(reply, openai.ChatChunks(head, include_usage=_include_usage(body))))
+    text = await _whole(reply)
+    session_id = conversation.session_id if conversation is not None else None
+    return openai.chat_completion(head, text=text, ended=reply.ended, session_id=session_id)
 
 
 @api.post(
     "/completions",
-    response={200: schemas.Completion, ERRORS: schemas.ErrorBody},
-    openapi_extra={"responses": _STREAMS},
+    response={200: openai.Completion, ERRORS: openai.ErrorBody},
+    openapi_extra={"responses": openai.event_stream_response(openai.CompletionChunk)},
     summary="Create a text completion",
 )
 async def completions(request: HttpRequest, body: schemas.CompletionRequest) -> Any:
@@ -303,99 +214,31 @@ async def completions(request: HttpRequest, body: schemas.CompletionRequest) -> 
         stop=body.stop,
         seed=body.seed,
     )
-    reply = await start_stateless(model=model, params=params, prompt=prompts[0], limits=caller.limits)
-    completion_id, created = _completion_id("cmpl"), int(time.time())
+    run = ReplyRun.stateless(
+        prompt=prompts[0], params=params, transport="api", model_name=model, limits=caller.limits
+    )
+    reply = await start_reply(run)
+
+    head = openai.CompletionHead.new(prefix="cmpl", model=model)
     echo = prompts[0] if body.echo else ""
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        def chunk(text: str | None, finish_reason: str | None) -> dict[str, Any]:
-            data: dict[str, Any] = {
-                "id": completion_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "system_fingerprint": None,
-                "choices": [
-                    {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-                ],
-            }
-            if include_usage:
-                data["usage"] = None
-            return data
-
-        from api.sse import event_stream
-
-        return event_stream(
-            _stream(
-                reply,
-                chunk,
-                first=None,
-                include_usage=include_usage,
-                object_name="text_completion",
-                completion_id=completion_id,
-                created=created,
-                model=model,
-            )
-            if not echo
-            else _echo_then(echo, chunk, reply, include_usage, completion_id, created, model)
-        )
-    try:
-        text = await reply.text()
-    finally:
-        await record_usage(reply)
-    failure = _failure(reply)
-    if failure is not None:
-        raise failure
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {"index": 0, "text": echo + text, "logprobs": None, "finish_reason": _finish_reason(reply)}
-        ],
-        "usage": _usage(reply),
-        "system_fingerprint": None,
-    }
+        chunks = openai.TextChunks(head, include_usage=_include_usage(body), echo=echo)
+        return event_stream(_stream(reply, chunks))
+    text = await _whole(reply)
+    return openai.text_completion(head, text=echo + text, ended=reply.ended)
 
 
-async def _echo_then(
-    echo: str,
-    chunk: Any,
-    reply: StartedReply,
-    include_usage: bool,
-    completion_id: str,
-    created: int,
-    model: str,
-) -> AsyncIterator[bytes]:
-    from api.sse import json_event
-
-    yield json_event(chunk(echo, None))
-    async for event in _stream(
-        reply,
-        chunk,
-        first=None,
-        include_usage=include_usage,
-        object_name="text_completion",
-        completion_id=completion_id,
-        created=created,
-        model=model,
-    ):
-        yield event
+def _model(name: str) -> openai.ModelOut:
+    return openai.ModelOut(id=name, object="model", created=STARTED, owned_by=OWNER)
 
 
-def _model(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": STARTED, "owned_by": OWNER}
-
-
-@api.get("/models", response={200: schemas.ModelList, ERRORS: schemas.ErrorBody}, summary="List models")
+@api.get("/models", response={200: openai.ModelList, ERRORS: openai.ErrorBody}, summary="List models")
 async def list_models(request: HttpRequest) -> Any:
-    return {"object": "list", "data": [_model(name) for name in registry.model_names()]}
+    return openai.ModelList(object="list", data=[_model(name) for name in registry.model_names()])
 
 
 @api.get(
-    "/models/{model_id}", response={200: schemas.ModelOut, ERRORS: schemas.ErrorBody}, summary="Get a model"
+    "/models/{model_id}", response={200: openai.ModelOut, ERRORS: openai.ErrorBody}, summary="Get a model"
 )
 async def get_model(request: HttpRequest, model_id: str) -> Any:
     return _model(check_model(model_id))
@@ -430,7 +273,7 @@ def _list_conversations(caller: Caller) -> dict[str, Any]:
 
 @api.get(
     "/conversations",
-    response={200: schemas.ConversationList, ERRORS: schemas.ErrorBody},
+    response={200: schemas.ConversationList, ERRORS: openai.ErrorBody},
     summary="List the key's conversations",
 )
 async def list_conversations(request: HttpRequest) -> Any:
@@ -443,7 +286,7 @@ class ImportQuery(Schema):
 
 @api.post(
     "/conversations/import",
-    response={200: schemas.ImportResultOut, ERRORS: schemas.ErrorBody},
+    response={200: schemas.ImportResultOut, ERRORS: openai.ErrorBody},
     summary="Import a sessions.json file (all or nothing) as the key's conversations",
     openapi_extra={
         "requestBody": {
@@ -493,7 +336,7 @@ def _conversation_detail(caller: Caller, session_id: str) -> dict[str, Any]:
 
 @api.get(
     "/conversations/{session_id}",
-    response={200: schemas.ConversationDetail, ERRORS: schemas.ErrorBody},
+    response={200: schemas.ConversationDetail, ERRORS: openai.ErrorBody},
     summary="Get a conversation (its shown branch)",
 )
 async def get_conversation(request: HttpRequest, session_id: str) -> Any:
@@ -502,7 +345,7 @@ async def get_conversation(request: HttpRequest, session_id: str) -> Any:
 
 @api.delete(
     "/conversations/{session_id}",
-    response={200: schemas.ConversationDeleted, ERRORS: schemas.ErrorBody},
+    response={200: schemas.ConversationDeleted, ERRORS: openai.ErrorBody},
     summary="Delete a conversation",
 )
 async def remove_conversation(request: HttpRequest, session_id: str) -> Any:
@@ -519,7 +362,7 @@ class ExportQuery(Schema):
 
 @api.get(
     "/conversations/{session_id}/export",
-    response={200: dict[str, Any], ERRORS: schemas.ErrorBody},
+    response={200: dict[str, Any], ERRORS: openai.ErrorBody},
     summary="Export a conversation as a sessions.json file",
 )
 async def export(request: HttpRequest, session_id: str, query: Query[ExportQuery]) -> Any:

@@ -22,18 +22,26 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError
 from django.template.loader import render_to_string
 from django.urls import reverse
 
 from chat import frames, rendered, services, titles
 from chat.frames import FrameError
 from chat.models import Conversation, Message
-from chat.replies import ReplyEnded, ReplyRun, ReplyStarted, ReplyText, sampling_for
-from chat.selectors import BranchDisplay, access_conversation, branch_for_display
+from chat.replies import (
+    ReplyEnded,
+    ReplyError,
+    ReplyNotStored,
+    ReplyRun,
+    ReplyStarted,
+    ReplyText,
+    sampling_for,
+)
+from chat.selectors import BranchDisplay, access_conversation, access_message, branch_for_display
 from chatsite import ratelimit
 from chatsite.middleware import renew_session, session_exists
-from inference.types import InvalidRequest
+from inference.types import InferenceError, InvalidRequest
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +153,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         model_name = frames.model_name(frame)
         await self.ensure_idle()
         conversation = await self.access(frames.required_uuid(frame, "conversation"))
-        reply = await self.message_of(conversation, frames.required_uuid(frame, "message"))
+        reply = await self.access_message(conversation, frames.required_uuid(frame, "message"))
         if reply.role != Message.Role.ASSISTANT or reply.parent_id is None:
             raise FrameError("invalid", "Only a reply can be regenerated.")
         await self.count_request()
@@ -158,19 +166,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         model_name = frames.model_name(frame)
         await self.ensure_idle()
         conversation = await self.access(frames.required_uuid(frame, "conversation"))
-        message = await self.message_of(conversation, frames.required_uuid(frame, "message"))
+        message = await self.access_message(conversation, frames.required_uuid(frame, "message"))
         if message.role != Message.Role.USER:
             raise FrameError("invalid", "Only your own messages can be edited.")
         await self.count_request()
-        message.conversation = conversation
         edited = await database_sync_to_async(services.do_edit_user_message)(message=message, content=content)
         self.start_reply(conversation, edited, overrides, model_name=model_name)
 
     async def on_switch(self, frame: dict[str, Any]) -> None:
         await self.ensure_idle()
         conversation = await self.access(frames.required_uuid(frame, "conversation"))
-        message = await self.message_of(conversation, frames.required_uuid(frame, "message"))
-        message.conversation = conversation
+        message = await self.access_message(conversation, frames.required_uuid(frame, "message"))
         await database_sync_to_async(services.do_switch_to_sibling)(message=message)
         await self.send_branch(conversation.pk)
 
@@ -210,9 +216,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         )
         return conversation
 
-    async def message_of(self, conversation: Conversation, message_id: uuid.UUID) -> Message:
-        message: Message = await database_sync_to_async(Message.objects.get)(
-            pk=message_id, conversation=conversation
+    async def access_message(self, conversation: Conversation, message_id: uuid.UUID) -> Message:
+        message: Message = await database_sync_to_async(access_message)(
+            conversation=conversation, message_id=message_id
         )
         return message
 
@@ -221,7 +227,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     ) -> Conversation:
         """A new conversation; the temperature and max tokens of its first
         message's settings become its own, as the page's settings panel shows."""
-        conversation: Conversation = await database_sync_to_async(start_conversation)(
+        conversation: Conversation = await database_sync_to_async(services.do_start_conversation)(
             model_name=model_name or settings.CHATSITE_DEFAULT_MODEL,
             owner=self.user,
             session_key="" if self.user is not None else self.session_key,
@@ -302,7 +308,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         finally:
             self.run = None
             self.run_conversation_id = None
-        if ended is not None and ended.reply.status == Message.Status.COMPLETE:
+        if ended is not None and ended.reply is not None and ended.reply.status == Message.Status.COMPLETE:
             self.start_title(conversation.pk)
 
     def start_title(self, conversation_id: uuid.UUID) -> None:
@@ -344,20 +350,6 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         return json.dumps(content, ensure_ascii=False)
 
 
-@transaction.atomic
-def start_conversation(*, temperature: float | None, max_tokens: int | None, **fields: Any) -> Conversation:
-    conversation = services.do_start_conversation(**fields)
-    if temperature is not None or max_tokens is not None:
-        services.do_update_conversation_settings(
-            conversation=conversation,
-            model_name=conversation.model_name,
-            system_prompt=conversation.system_prompt,
-            temperature=temperature,
-            max_tokens=max_tokens,
-        )
-    return conversation
-
-
 def _renew_stored_session(session: Any) -> bool:
     """Whether the socket's session is stored; its expiry moves forward
     while it is used (at most one write a day, as for the pages)."""
@@ -381,8 +373,27 @@ async def render_branch(conversation_id: uuid.UUID) -> str:
     return await rendered.in_pool(render_to_string, "chat/_branch.html", branch)
 
 
+def error_code(error: ReplyError | None) -> str:
+    """The ``error_code`` of a ``done`` frame (docs/websocket.md) for how a
+    reply failed: an :class:`~inference.types.InferenceError`'s kind
+    (``context_length``, ``busy``, ``engine``, ``invalid_request``,
+    ``worker_lost``), ``rate_limited``, ``storage`` (the reply could not be
+    stored whole) or ``engine`` (the generation failed); empty when it did not."""
+    if error is None:
+        return ""
+    if isinstance(error, ratelimit.RateLimited):
+        return "rate_limited"
+    if isinstance(error, InferenceError):
+        return error.kind
+    if isinstance(error, ReplyNotStored):
+        return "storage"
+    return "engine"
+
+
 async def done_frame(event: ReplyEnded) -> dict[str, Any]:
+    """The ``done`` frame of a reply the site stored."""
     reply = event.reply
+    assert reply is not None  # the site's replies are stored
     if reply.html_version == rendered.HTML_VERSION:
         html = reply.html
     else:
@@ -403,5 +414,5 @@ async def done_frame(event: ReplyEnded) -> dict[str, Any]:
         "left_out": [str(pk) for pk in event.left_out_ids],
         "view_starts_at": str(reply.context_starts_at) if reply.context_starts_at else None,
         "error": reply.error,
-        "error_code": event.error_code,
+        "error_code": error_code(event.error),
     }

@@ -1,18 +1,25 @@
-"""One reply, from its prompt to its stored row: the loop every front end shares.
+"""One reply, from its prompt to how it ended: the loop every front end shares.
 
-:class:`ReplyRun` builds the prompt (:mod:`chat.context`), queues it on the
-model's engine, creates the reply row (:func:`chat.services.do_start_reply`),
-streams the engine's text to its caller while appending it to the row in
-batches (every ``flush_interval`` seconds and at the end, never one write per
-token), and closes the row with its status, counts and timings. It knows
+:class:`ReplyRun` answers a stored user message of a conversation: it builds
+the prompt (:mod:`chat.context`), queues it on the model's engine, creates the
+reply row (:func:`chat.services.do_start_reply`), streams the engine's text to
+its caller while appending it to the row in batches (every
+``flush_interval`` seconds and at the end, never one write per token), and
+closes the row with its status, counts and timings. :meth:`ReplyRun.stateless`
+answers messages (or continues a text prompt) that no conversation holds, for
+the API and the ``generate`` command: the same loop, storing nothing. It knows
 nothing of WebSockets or HTTP: the site's consumer, the REST API and the
 commands iterate it and translate its events for their wire::
 
     async with ReplyRun(conversation=c, parent=question, params=p, transport="websocket") as run:
-        async for event in run:  # ReplyStarted, then ReplyText..., then ReplyEnded
+        async for event in run:  # ReplyStarted (stored replies), then ReplyText..., then ReplyEnded
             ...
 
-How a reply ends:
+Every run ends with one :class:`ReplyEnded`, the one outcome of a reply: the
+engine's counts (:class:`~inference.types.Finished`) and, when it failed, the
+error as an object, with its fields (``param``, ``retry_after``). Each front
+end maps that to its wire (the site's ``done`` frame, OpenAI's error object,
+the original service's ``{"error": ...}``). How a stored reply ends:
 
 * the model finished (end of text, a stop string or ``max_tokens``):
   ``complete``;
@@ -22,22 +29,24 @@ How a reply ends:
 * an engine error, or a prompt that does not fit: ``error``, with the reason
   in ``Message.error``, so that the page can show why and offer to
   regenerate;
-* the inference worker generating it died (:class:`inference.workers.WorkerLost`,
-  workers mode): ``interrupted``, with what was streamed and ``error_code``
-  ``worker_lost``.
+* the inference worker generating it died (:class:`inference.types.WorkerLost`,
+  workers mode): ``interrupted``, with what was streamed.
 
 Errors found before anything is generated (the prompt does not fit, the queue
-is full, an unknown model, a bad parameter) are either stored as an ``error``
-reply and reported as :class:`ReplyStarted` + :class:`ReplyEnded` (the site:
-``store_refusals=True``), or raised from the first iteration before anything
-is written for the reply (the API answers them with a status code).
+is full, an unknown model, a bad parameter, a spent token budget) are
+refusals: :class:`ReplyEnded` says ``refused``. A stored reply refused so is
+kept as an ``error`` reply saying why (:class:`ReplyStarted` then
+:class:`ReplyEnded`), as the site shows it; the API answers a refusal with
+its status code, never a stream.
 
 Token budgets: with ``limits`` (the caller's rate limits), the runner holds
 the most tokens the reply may spend (its prompt, counted with the model's
 tokenizer, and its ``max_tokens``) before the model starts
 (:func:`chatsite.ratelimit.reserve_tokens`), and settles with the prompt and
-reply tokens really spent when it ends, however it ends. A reservation that
-does not fit is a refusal like a full queue (:class:`~chatsite.ratelimit.RateLimited`).
+reply tokens really spent when it ends, however it ends, before it reports
+:class:`ReplyEnded`. A reservation that does not fit is a refusal like a
+full queue (:class:`~chatsite.ratelimit.RateLimited`); a refused reply spends
+nothing.
 
 Storing the text never holds up the stream: appends run in a task of their
 own (:class:`_ReplyWriter`), one at a time, each carrying every piece that
@@ -46,7 +55,8 @@ arrived since the last. A write the database refuses for a while (SQLite's
 connection) keeps its text and is tried again; the reply ends as it would
 have, with all its text, once the writes get through. Only the person
 stopping it (or going away) makes a reply ``stopped``; any other failure
-makes it ``error``, with the text it had.
+makes it ``error``, with the text it had (:class:`ReplyNotStored` when the
+database kept refusing it).
 
 Every database call goes through ``database_sync_to_async``; token counting,
 which may load the model, runs in a worker thread of its own
@@ -58,7 +68,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -72,8 +82,9 @@ from chat.models import Conversation, Message
 from chat.selectors import branch_ending_at
 from chatsite import ratelimit
 from inference import registry
-from inference.client import GenerationStream
+from inference.client import EngineClient, GenerationStream
 from inference.types import (
+    ChatMessage,
     Finished,
     GenerationRequest,
     InferenceError,
@@ -81,8 +92,8 @@ from inference.types import (
     SamplingParams,
     TextDelta,
     Transport,
+    WorkerLost,
 )
-from inference.workers import WorkerLost
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +120,8 @@ STATUS_FOR_REASON = {
 
 @dataclass(frozen=True)
 class ReplyStarted:
-    """The reply's row exists (streaming, shown). ``prompt`` is None when the
-    reply was refused before its prompt was built."""
+    """The reply's row exists (streaming, shown): stored replies only.
+    ``prompt`` is None when the reply was refused before its prompt was built."""
 
     reply: Message
     prompt: Prompt | None
@@ -123,27 +134,62 @@ class ReplyText:
     text: str
 
 
+class ReplyFailed(Exception):
+    """A reply that failed once the model had taken it: the engine's own
+    error (``Finished.error``), an exception under the reply, or a stream
+    that ended without the engine's final event. The message says why."""
+
+
+class ReplyNotStored(ReplyFailed):
+    """The database kept refusing a stored reply's text until the end: what
+    could be stored is, and the row is an ``error`` saying so."""
+
+
+ReplyError = InferenceError | ratelimit.RateLimited | ReplyFailed
+"""Why a reply failed (:attr:`ReplyEnded.error`)."""
+
+
 @dataclass(frozen=True)
 class ReplyEnded:
-    """The reply's final row (its status, text, counts and timings).
+    """How a reply ended: the one outcome every front end maps to its wire.
 
-    ``finished`` is the engine's last event (None when it never started);
+    ``reply`` is the final row (its status, text, counts and timings), None
+    for a stateless reply (nothing is stored). ``finished`` is the engine's
+    last event, with its counts and timings (None when it never came).
+    ``error`` is why the reply failed, as the error object, None when it did
+    not (a reply its caller stopped did not fail: ``finished.reason`` is
+    ``cancelled``). It is one of:
+
+    * an :class:`~inference.types.InferenceError`:
+      :class:`~inference.types.InvalidRequest` (its ``param``),
+      :class:`~inference.types.EngineBusy` (its ``retry_after``),
+      :class:`~inference.types.ContextLengthExceeded`,
+      :class:`~inference.types.ModelUnavailable`,
+      :class:`~inference.types.WorkerLost`;
+    * :class:`~chatsite.ratelimit.RateLimited` (its ``retry_after``): the
+      reply could not reserve its tokens;
+    * :class:`ReplyFailed` (:class:`ReplyNotStored`): the generation failed.
+
+    ``refused``: the error came before the first token and before the
+    engine's counts, so nothing was generated (:attr:`refusal`).
     ``left_out_ids``: the branch messages the prompt left out (too old, or
-    beyond the context window). ``error_code`` is an :class:`InferenceError` kind (``context_length``,
-    ``busy``, ``engine``, ``invalid_request``), ``rate_limited``, ``storage``
-    (the reply could not be stored whole) or ``"engine"`` for an error during
-    generation, empty when there was none; ``error`` says why. ``refusal`` is
-    the error that refused the reply before its first token (an
-    :class:`InferenceError` or :class:`~chatsite.ratelimit.RateLimited`, with
-    its fields such as ``retry_after``), None otherwise.
+    beyond the context window).
     """
 
-    reply: Message
+    reply: Message | None
     finished: Finished | None
-    error_code: str = ""
-    error: str = ""
+    error: ReplyError | None = None
+    refused: bool = False
     left_out_ids: tuple[uuid.UUID, ...] = ()
-    refusal: Exception | None = None
+
+    def __post_init__(self) -> None:
+        if self.refused and self.error is None:
+            raise ValueError("a refused reply has the error that refused it")
+
+    @property
+    def refusal(self) -> ReplyError | None:
+        """The error that refused the reply before its first token, else None."""
+        return self.error if self.refused else None
 
 
 ReplyEvent = ReplyStarted | ReplyText | ReplyEnded
@@ -265,31 +311,45 @@ async def _with_retries(call: Any, **kwargs: Any) -> Any:
 
 
 class ReplyRun:
-    """Generates and stores one reply to ``parent`` (a stored user message).
+    """Generates one reply, and stores it when it answers a stored message.
+
+    ``ReplyRun(conversation=..., parent=...)`` answers ``parent`` (a stored
+    user message of ``conversation``): the prompt is the conversation's
+    branch, and the reply is stored as it streams. :meth:`stateless` answers
+    messages no conversation holds, or continues a text prompt, and stores
+    nothing. Both reserve and settle the token budgets of ``limits`` (the
+    caller's rate limits) and end with one :class:`ReplyEnded`.
 
     Iterate it once. The iteration must run on one event loop; :meth:`stop`
-    may be called from that loop at any time. ``limits`` are the caller's
-    rate limits, whose token budgets the reply reserves and settles.
+    may be called from that loop at any time.
     """
 
     def __init__(
         self,
         *,
-        conversation: Conversation,
-        parent: Message,
+        conversation: Conversation | None = None,
+        parent: Message | None = None,
         params: SamplingParams,
         transport: Transport,
         model_name: str = "",
-        store_refusals: bool = True,
         flush_interval: float = FLUSH_INTERVAL,
         limits: Sequence[ratelimit.Limit] = (),
+        messages: Sequence[ChatMessage] = (),
+        prompt: str | None = None,
     ) -> None:
+        if (conversation is None) != (parent is None):
+            raise ValueError("a stored reply needs its conversation and the message it answers")
+        if conversation is not None and (messages or prompt is not None):
+            raise ValueError(
+                "a stored reply's prompt is its conversation's branch: give no messages or prompt"
+            )
         self.conversation = conversation
         self.parent = parent
+        self.messages = tuple(messages)
+        self.text_prompt = prompt
         self.params = params
         self.transport = transport
-        self.model_name = model_name or conversation.model_name
-        self.store_refusals = store_refusals
+        self.model_name = model_name or (conversation.model_name if conversation is not None else "")
         self.flush_interval = flush_interval
         self.limits = tuple(limits)
         self.reply: Message | None = None
@@ -297,18 +357,44 @@ class ReplyRun:
         self._stop_requested = False
         self._events: AsyncGenerator[ReplyEvent, None] | None = None
         self._reservation: ratelimit.Reservation | None = None
+        # The prompt's length as counted (0 when nothing needed it counted).
+        self._prompt_tokens = 0
+
+    @classmethod
+    def stateless(
+        cls,
+        *,
+        params: SamplingParams,
+        transport: Transport,
+        messages: Sequence[ChatMessage] = (),
+        prompt: str | None = None,
+        model_name: str = "",
+        limits: Sequence[ratelimit.Limit] = (),
+    ) -> ReplyRun:
+        """A reply to ``messages`` (chat, with the model's template) or a
+        continuation of ``prompt`` (raw text), stored nowhere; ``model_name``
+        empty is the default model."""
+        return cls(
+            params=params,
+            transport=transport,
+            messages=messages,
+            prompt=prompt,
+            model_name=model_name,
+            limits=limits,
+        )
 
     @property
     def reply_id(self) -> uuid.UUID | None:
         return self.reply.pk if self.reply is not None else None
 
     def stop(self) -> None:
-        """Stop generating; the reply ends as ``stopped`` with what it has."""
+        """Stop generating; the reply ends with what it has (a stored one as
+        ``stopped``), with ``finished.reason`` ``cancelled`` and no error."""
         self._stop_requested = True
         if self._generation is not None:
             self._generation.cancel()
 
-    def __aiter__(self) -> AsyncIterator[ReplyEvent]:
+    def __aiter__(self) -> AsyncGenerator[ReplyEvent, None]:
         if self._events is not None:
             raise RuntimeError("a ReplyRun is iterated once")
         self._events = self._run()
@@ -329,47 +415,51 @@ class ReplyRun:
 
     async def _run(self) -> AsyncGenerator[ReplyEvent, None]:
         finished: Finished | None = None
-        prompt: Prompt | None = None
+        reply: Message | None = None
         streamed = 0
+        refused = False
         try:
             try:
                 prompt, generation = await self._prepare()
             except (InferenceError, ratelimit.RateLimited) as exc:
-                if not self.store_refusals:
-                    raise
-                kind = exc.kind if isinstance(exc, InferenceError) else "rate_limited"
-                reply = await _with_retries(self._start_reply)
-                yield ReplyStarted(reply, None)
-                ended = await self._close(reply, None, status=Message.Status.ERROR, error=str(exc))
-                yield ReplyEnded(ended, None, error_code=kind, error=str(exc), refusal=exc)
+                refused = True
+                if self.conversation is not None:
+                    # Kept as an error reply saying why, as the page shows it.
+                    reply = await _with_retries(self._start_reply)
+                    yield ReplyStarted(reply, None)
+                    reply = await self._close(reply, None, status=Message.Status.ERROR, error=str(exc))
+                yield ReplyEnded(reply, None, error=exc, refused=True)
                 return
             self._generation = generation
             if self._stop_requested:
                 generation.cancel()
-            try:
-                reply = await _with_retries(self._start_reply)
-            except BaseException:
-                generation.cancel()
-                raise
-            yield ReplyStarted(reply, prompt)
+            if self.conversation is not None:
+                try:
+                    reply = await _with_retries(self._start_reply)
+                except BaseException:
+                    generation.cancel()
+                    raise
+                yield ReplyStarted(reply, prompt)
 
-            writer = _ReplyWriter(reply, self.flush_interval)
-            error_code = error = ""
+            writer = _ReplyWriter(reply, self.flush_interval) if reply is not None else None
+            error: ReplyError | None = None
             try:
                 async with generation:
                     async for event in generation:
                         if isinstance(event, TextDelta):
                             streamed += 1
-                            writer.add(event.text)
+                            if writer is not None:
+                                writer.add(event.text)
                             yield ReplyText(event.text)
-                            writer.poke()
-                            if not writer.still_streaming:
-                                # Marked interrupted meanwhile: nobody will keep this text.
-                                generation.cancel()
+                            if writer is not None:
+                                writer.poke()
+                                if not writer.still_streaming:
+                                    # Marked interrupted meanwhile: nobody will keep this text.
+                                    generation.cancel()
                         else:
                             finished = event
             except InferenceError as exc:  # refused before the first token, or WorkerLost at any time
-                error_code, error = exc.kind, str(exc)
+                error = exc
             except (asyncio.CancelledError, GeneratorExit):
                 # The caller went away or closed the iteration early: keep
                 # what was generated, as stopped, with the engine's counts,
@@ -380,37 +470,44 @@ class ReplyRun:
             except Exception as exc:
                 # Anything else failed under the reply: it ends as an error
                 # with the text it had, never as stopped.
-                logger.exception("reply %s failed", reply.pk)
+                logger.exception("reply %s failed", self.reply_id or "(stateless)")
                 generation.cancel()
-                error_code, error = "engine", f"the reply failed: {exc}"
-            if finished is None:
-                # A dead inference worker cut the reply off: kept as interrupted,
-                # never generated again on its own.
-                lost = error_code == WorkerLost.kind
-                status = Message.Status.INTERRUPTED if lost else Message.Status.ERROR
-                error_code, error = error_code or "engine", error or "the engine ended without a result"
-            else:
-                status = STATUS_FOR_REASON[finished.reason]
-                if finished.reason == "error":
-                    error_code, error = "engine", finished.error or "the engine failed"
-            ended = await self._close(
-                reply, finished, status=status, error=error, writer=writer, prompt=prompt
-            )
-            if ended.status == Message.Status.ERROR and ended.error and not error:
-                error_code, error = "storage", ended.error
+                error = ReplyFailed(f"the reply failed: {exc}")
+            status, error, refused = _ending(finished, error, streamed=streamed)
+            if reply is not None:
+                reply = await self._close(
+                    reply,
+                    finished,
+                    status=status,
+                    error=str(error) if error is not None else "",
+                    writer=writer,
+                    prompt=prompt,
+                )
+                if error is None and reply.status == Message.Status.ERROR and reply.error:
+                    error = ReplyNotStored(reply.error)
+            await ratelimit.asettle(self._reservation, 0 if refused else self._spent(finished, streamed))
             yield ReplyEnded(
-                ended, finished, error_code=error_code, error=error, left_out_ids=prompt.left_out_ids
+                reply,
+                finished,
+                error=error,
+                refused=refused,
+                left_out_ids=prompt.left_out_ids if prompt is not None else (),
             )
         finally:
-            await ratelimit.asettle(self._reservation, _spent(finished, prompt, streamed))
+            await ratelimit.asettle(self._reservation, 0 if refused else self._spent(finished, streamed))
 
     async def _stop(
-        self, reply: Message, generation: GenerationStream, writer: _ReplyWriter, prompt: Prompt
+        self,
+        reply: Message | None,
+        generation: GenerationStream,
+        writer: _ReplyWriter | None,
+        prompt: Prompt | None,
     ) -> Finished | None:
         """Close a reply whose caller went away: wait (briefly) for the
         engine's final event, which it sends within a token of the cancel, so
-        that the row keeps its token counts and timings. Text generated after
-        the cancel is not kept: the stored reply is what was streamed."""
+        that the row and the token budgets get the engine's counts. Text
+        generated after the cancel is not kept: the stored reply is what was
+        streamed."""
         finished: Finished | None = None
         try:
             async with asyncio.timeout(STOP_WAIT_SECONDS):
@@ -420,17 +517,39 @@ class ReplyRun:
                         break
         except Exception:  # timed out, or the engine refused late: close without counts
             finished = None
-        await self._close(reply, finished, status=Message.Status.STOPPED, writer=writer, prompt=prompt)
+        if reply is not None:
+            await self._close(reply, finished, status=Message.Status.STOPPED, writer=writer, prompt=prompt)
         return finished
 
-    async def _prepare(self) -> tuple[Prompt, GenerationStream]:
-        """The prompt and the queued generation, with the reply's tokens
+    async def _prepare(self) -> tuple[Prompt | None, GenerationStream]:
+        """The prompt built from the branch (stored replies; None for
+        stateless ones) and the queued generation, with the reply's tokens
         reserved; raises what refuses the reply."""
+        prompt: Prompt | None = None
+        if self.conversation is not None:
+            prompt = await self._build_prompt(self.conversation)
+            self._prompt_tokens = prompt.tokens
+            request = GenerationRequest(prompt.messages, self.params, transport=self.transport)
+        else:
+            request = GenerationRequest(
+                self.messages, self.params, transport=self.transport, prompt=self.text_prompt
+            )
+        engine = registry.get_engine(self.model_name)
+        if any(limit.tokens_per_minute for limit in self.limits):
+            if prompt is None:
+                self._prompt_tokens = await _count_prompt_tokens(engine, request)
+            tokens = self._prompt_tokens
+            most = min(tokens + self.params.max_tokens, max(engine.n_ctx, tokens))
+            self._reservation = await ratelimit.areserve_tokens(self.limits, most)
+        return prompt, engine.stream(request)
+
+    async def _build_prompt(self, conversation: Conversation) -> Prompt:
+        assert self.parent is not None
         branch = await database_sync_to_async(branch_ending_at)(self.parent)
         try:
-            prompt = await asyncio.to_thread(
+            return await asyncio.to_thread(
                 build_prompt_for_reply,
-                conversation=self.conversation,
+                conversation=conversation,
                 branch=branch,
                 max_tokens=self.params.max_tokens,
                 model_name=self.model_name,
@@ -439,16 +558,20 @@ class ReplyRun:
             if isinstance(exc, InferenceError):
                 raise
             raise InvalidRequest(str(exc)) from None
-        engine = registry.get_engine(self.model_name)
-        if self.limits:
-            most = min(prompt.tokens + self.params.max_tokens, max(engine.n_ctx, prompt.tokens))
-            self._reservation = await ratelimit.areserve_tokens(self.limits, most)
-        request = GenerationRequest(prompt.messages, self.params, transport=self.transport)
-        return prompt, engine.stream(request)
+
+    def _spent(self, finished: Finished | None, streamed: int) -> int:
+        """The tokens a reply that started spent: the engine's counts, else
+        (it never said) its prompt as counted and the pieces streamed, one
+        per token."""
+        if finished is not None:
+            return finished.prompt_tokens + finished.completion_tokens
+        return self._prompt_tokens + streamed
 
     # -- the row ---------------------------------------------------------------
 
     def _start_reply(self) -> Message:
+        assert self.conversation is not None
+        assert self.parent is not None
         self.reply = services.do_start_reply(
             conversation=self.conversation, parent=self.parent, model_name=self.model_name
         )
@@ -489,11 +612,41 @@ class ReplyRun:
         return ended
 
 
-def _spent(finished: Finished | None, prompt: Prompt | None, streamed: int) -> int:
-    """The tokens a reply spent: the engine's counts, else (it never said)
-    its prompt and the pieces streamed, one per token."""
-    if finished is not None:
-        return finished.prompt_tokens + finished.completion_tokens
-    if prompt is None:
-        return 0
-    return prompt.tokens + streamed
+def _ending(
+    finished: Finished | None, error: ReplyError | None, *, streamed: int
+) -> tuple[str, ReplyError | None, bool]:
+    """How a reply that was queued ended, from the engine's last event (None:
+    it never came), the error raised under the stream and the pieces
+    streamed: the status to store, the error, and whether it was refused
+    (an error before the first token and the engine's counts)."""
+    if finished is None:
+        # A dead inference worker cut the reply off: kept as interrupted,
+        # never generated again on its own.
+        status = Message.Status.INTERRUPTED if isinstance(error, WorkerLost) else Message.Status.ERROR
+        return status, error or ReplyFailed("the engine ended without a result"), not streamed
+    if finished.reason == "error":
+        return Message.Status.ERROR, ReplyFailed(finished.error or "the engine failed"), False
+    return STATUS_FOR_REASON[finished.reason], error, False
+
+
+async def _count_prompt_tokens(engine: EngineClient, request: GenerationRequest) -> int:
+    """The tokens of a stateless request's prompt, never fewer than the
+    engine will count."""
+    if request.prompt is None:
+        # The model's own tokenizer and template: exact (off the loop: it may load the model).
+        return await asyncio.to_thread(engine.count_prompt_tokens, request.messages)
+    # A raw prompt: a token is at least one byte of text, and the model may
+    # add a start and an end token, so this is never below the real count.
+    return len(request.prompt.encode("utf-8")) + 2
+
+
+async def stream_text(run: ReplyRun, write: Callable[[str], object]) -> ReplyEnded:
+    """Run ``run`` to its end, handing each piece of its text to ``write``
+    as it arrives (a terminal, a file); returns how it ended."""
+    async with run:
+        async for event in run:
+            if isinstance(event, ReplyText):
+                write(event.text)
+            elif isinstance(event, ReplyEnded):
+                return event
+    raise RuntimeError("the reply ended without a ReplyEnded")  # the runner always ends with one

@@ -189,6 +189,16 @@ def access_conversation(
     return _owned_by(user, session_key).get(pk=pk)
 
 
+def access_message(*, conversation: Conversation, message_id: uuid.UUID) -> Message:
+    """The message ``message_id`` of ``conversation`` (one the caller may
+    already read, from :func:`access_conversation`), with ``conversation``
+    attached to it. Raises ``Message.DoesNotExist`` when the conversation
+    has no such message, also when the id is another conversation's."""
+    message = Message.objects.get(pk=message_id, conversation=conversation)
+    message.conversation = conversation
+    return message
+
+
 def conversations_of(
     *, user: AbstractBaseUser | AnonymousUser | None, session_key: str | None, search: str = ""
 ) -> QuerySet[Conversation]:

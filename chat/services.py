@@ -30,7 +30,7 @@ from chat.rendered import HTML_VERSION
 from chat.selectors import MessageTree, message_tree
 
 # The statuses a finished reply may end with.
-# INTERRUPTED: the inference worker generating it died (inference.workers.WorkerLost).
+# INTERRUPTED: the inference worker generating it died (inference.types.WorkerLost).
 FINAL_STATUSES = (
     Message.Status.COMPLETE,
     Message.Status.STOPPED,
@@ -64,15 +64,21 @@ def do_start_conversation(
     title: str = "",
     system_prompt: str = "",
     external_id: str | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
 ) -> Conversation:
     """A new, empty conversation of a user or (no user) of an anonymous
     session, given by its key (``request.session.session_key``), which is
     stored only as :func:`chat.owners.session_owner_token`. ``external_id``
-    is the session id a script chose for it (the API's ``session_id``)."""
+    is the session id a script chose for it (the API's ``session_id``).
+    ``temperature`` and ``max_tokens`` are its reply settings (None: the
+    defaults), as :func:`do_update_conversation_settings` sets them; raises
+    ``ValueError`` naming one that is out of range."""
     if owner is not None and session_key:
         raise ValueError("a conversation belongs to a user or to a session, not both")
     if not model_name:
         raise ValueError("a conversation needs a model")
+    _check_reply_settings(temperature=temperature, max_tokens=max_tokens)
     now = timezone.now()
     return Conversation.objects.create(
         owner_id=owner.pk if owner is not None else None,
@@ -81,6 +87,8 @@ def do_start_conversation(
         title=title.strip()[:TITLE_MAX_LENGTH],
         system_prompt=system_prompt,
         external_id=external_id,
+        temperature=temperature,
+        max_tokens=max_tokens,
         created_at=now,
         updated_at=now,
     )
@@ -251,6 +259,13 @@ def do_rename_conversation(*, conversation: Conversation, title: str) -> None:
     _touch(conversation, title=title.strip()[:TITLE_MAX_LENGTH])
 
 
+def _check_reply_settings(*, temperature: float | None, max_tokens: int | None) -> None:
+    if temperature is not None and not (math.isfinite(temperature) and 0 <= temperature <= 2):
+        raise ValueError("temperature must be between 0 and 2")
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise ValueError(f"max tokens must be between 1 and {MAX_TOKENS_LIMIT}")
+
+
 @transaction.atomic
 def do_update_conversation_settings(
     *,
@@ -268,10 +283,7 @@ def do_update_conversation_settings(
     """
     if not model_name:
         raise ValueError("a conversation needs a model")
-    if temperature is not None and not (math.isfinite(temperature) and 0 <= temperature <= 2):
-        raise ValueError("temperature must be between 0 and 2")
-    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise ValueError(f"max tokens must be between 1 and {MAX_TOKENS_LIMIT}")
+    _check_reply_settings(temperature=temperature, max_tokens=max_tokens)
     _touch(
         conversation,
         model_name=model_name,

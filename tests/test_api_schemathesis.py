@@ -21,6 +21,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
+from schemathesis.core.transport import Response
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -79,6 +80,30 @@ schema = schemathesis.openapi.from_dict(
 
 def test_it_serves_the_schema_it_is_tested_against(api: LiveApi) -> None:
     assert requests.get(api.url + "/v1/openapi.json", timeout=30).json() == DOCUMENT
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Say hi."}], "stream_options": {"include_usage": True}},
+        ),
+        ("/v1/completions", {"prompt": "Once upon a time", "echo": True}),
+    ],
+)
+def test_it_streams_the_chunks_its_schema_documents(api: LiveApi, path: str, body: dict[str, Any]) -> None:
+    # Generated requests seldom stream: each event of a real stream is
+    # checked against the document (a chunk, then [DONE]).
+    streamed = requests.post(
+        api.url + path,
+        json={"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, **body},
+        headers={"Authorization": f"Bearer {api.keys['alice']}"},
+        timeout=120,
+    )
+    assert streamed.status_code == 200
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    schema[path]["POST"].validate_response(Response.from_requests(streamed, verify=True))
 
 
 def cheap(case: Any) -> None:

@@ -16,7 +16,7 @@ from django.db import OperationalError
 
 from chat import services
 from chat.models import Message
-from chat.replies import ReplyEnded, ReplyRun, ReplyText
+from chat.replies import ReplyEnded, ReplyNotStored, ReplyRun, ReplyText
 from inference.types import SamplingParams
 from tests.base import make_conversation
 
@@ -70,6 +70,8 @@ async def test_it_keeps_the_text_of_refused_writes_and_stores_the_whole_reply(
     refused = locked_for(3, monkeypatch)
     streamed, ended = await run_reply()
     assert len(refused) == 3
+    assert ended.reply is not None
+    assert ended.error is None
     assert ended.reply.status == Message.Status.COMPLETE
     assert ended.reply.content == streamed
     stored = await Message.objects.aget(pk=ended.reply.pk)
@@ -83,6 +85,8 @@ async def test_it_ends_a_reply_it_could_not_store_as_an_error_never_as_stopped(
     locked_for(0, monkeypatch, error=RuntimeError("the disk is full"))
     streamed, ended = await run_reply()
     assert streamed
+    assert ended.reply is not None
     assert ended.reply.status == Message.Status.ERROR
     assert "could not be stored" in ended.reply.error
-    assert ended.error_code == "storage"
+    assert isinstance(ended.error, ReplyNotStored)
+    assert str(ended.error) == ended.reply.error

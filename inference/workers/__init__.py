@@ -103,8 +103,3 @@ requests) in Redis keys that expire after :data:`~.directory.DIRECTORY_TTL` seco
 """
 
 from __future__ import annotations
-
-# Until the reply runner imports it from inference.types (the next change).
-from inference.types import WorkerLost  # noqa: E402
-
-__all__ = ["WorkerLost"]

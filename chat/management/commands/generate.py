@@ -1,4 +1,6 @@
-"""Stream a reply from a model to the terminal, for operators."""
+"""Stream a reply from a model to the terminal, for operators: a command of
+the chat app, since ``--conversation`` continues a stored conversation through
+the reply runner the site uses (:class:`chat.replies.ReplyRun`)."""
 
 from __future__ import annotations
 
@@ -10,16 +12,10 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from inference.client import EngineClient
-from inference.registry import get_engine
-from inference.types import (
-    ChatMessage,
-    Finished,
-    GenerationRequest,
-    InferenceError,
-    SamplingParams,
-    TextDelta,
-)
+from chat import services
+from chat.models import Conversation
+from chat.replies import ReplyEnded, ReplyRun, sampling_for, stream_text
+from inference.types import ChatMessage, InferenceError, SamplingParams
 
 
 def sampling_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -68,14 +64,18 @@ class Command(BaseCommand):
         messages.append(ChatMessage("user", options["prompt"]))
         try:
             params = SamplingParams(max_tokens=options["max_tokens"], **sampling_options(options))
-            engine = get_engine(options["model"])
-            finished = asyncio.run(self._stream(engine, GenerationRequest(messages, params)))
         except InferenceError as exc:
             raise CommandError(str(exc)) from None
-        self.stdout.write("")
-        if finished.reason == "error":
-            raise CommandError(f"generation failed: {finished.error}")
-        if options["stats"]:
+        run = ReplyRun.stateless(
+            messages=messages, params=params, transport="command", model_name=options["model"] or ""
+        )
+        ended = self._stream(run)
+        if ended.refusal is not None:
+            raise CommandError(str(ended.refusal))
+        if ended.error is not None:
+            raise CommandError(f"generation failed: {ended.error}")
+        finished = ended.finished
+        if options["stats"] and finished is not None:
             rate = finished.tokens_per_second
             self.stderr.write(
                 f"finish={finished.reason} prompt_tokens={finished.prompt_tokens} "
@@ -85,11 +85,6 @@ class Command(BaseCommand):
             )
 
     def _continue_conversation(self, options: dict[str, Any]) -> None:
-        # The conversation layer sits above the engine: imported here only.
-        from chat import services
-        from chat.models import Conversation
-        from chat.replies import ReplyEnded, ReplyRun, ReplyText, sampling_for
-
         key = options["conversation"]
         named = list(Conversation.objects.filter(external_id=key)[:2])
         if len(named) > 1:
@@ -110,35 +105,25 @@ class Command(BaseCommand):
         except InferenceError as exc:
             raise CommandError(str(exc)) from None
         question = services.do_add_user_message(conversation=conversation, content=options["prompt"])
-
-        async def stream() -> ReplyEnded:
-            run = ReplyRun(conversation=conversation, parent=question, params=params, transport="command")
-            async with run:
-                async for event in run:
-                    if isinstance(event, ReplyText):
-                        self.stdout.write(event.text, ending="")
-                        self.stdout.flush()
-                    elif isinstance(event, ReplyEnded):
-                        return event
-            raise CommandError("the reply ended without a result")  # pragma: no cover
-
-        ended = asyncio.run(stream())
-        self.stdout.write("")
-        if ended.error:
+        ended = self._stream(
+            ReplyRun(conversation=conversation, parent=question, params=params, transport="command")
+        )
+        if ended.error is not None:
             raise CommandError(f"the reply failed: {ended.error}")
-        if options["stats"]:
-            reply = ended.reply
+        reply = ended.reply
+        if options["stats"] and reply is not None:
             self.stderr.write(
                 f"status={reply.status} finish={reply.finish_reason} prompt_tokens={reply.prompt_tokens} "
                 f"completion_tokens={reply.completion_tokens} reply={reply.pk}"
             )
 
-    async def _stream(self, engine: EngineClient, request: GenerationRequest) -> Finished:
-        async with engine.stream(request) as generation:
-            async for event in generation:
-                if isinstance(event, TextDelta):
-                    self.stdout.write(event.text, ending="")
-                    self.stdout.flush()
-                else:
-                    return event
-        raise CommandError("the stream ended without a final event")  # pragma: no cover
+    def _stream(self, run: ReplyRun) -> ReplyEnded:
+        """Print the reply as it streams, then a newline; returns how it ended."""
+
+        def write(text: str) -> None:
+            self.stdout.write(text, ending="")
+            self.stdout.flush()
+
+        ended = asyncio.run(stream_text(run, write))
+        self.stdout.write("")
+        return ended
