@@ -444,7 +444,8 @@ async def test_it_marks_the_replies_of_a_killed_worker_interrupted(cluster: Clus
             await tab.__aexit__()
     statuses = sorted(frame["status"] for frame in done)
     assert "interrupted" in statuses, statuses
-    assert set(statuses) <= {"interrupted", "complete"}, [(f["status"], f.get("error_code"), f.get("error")) for f in done]
+    endings = [(frame["status"], frame.get("error_code"), frame.get("error")) for frame in done]
+    assert set(statuses) <= {"interrupted", "complete"}, endings
     assert "complete" in statuses, statuses
     for frame in done:
         if frame["status"] == "interrupted":
