@@ -45,7 +45,7 @@ def long_chat(tokens: int, tag: str) -> Messages:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Greedy, with the service's defaults (min_p 0 as the engine sets it).
+    """Greedy, with the service's defaults (llama-server's: min-p 0.05, no repeat penalty).
     Its fields are named as every side's API names them, so each side passes
     ``dataclasses.asdict`` of it."""
 
@@ -53,6 +53,6 @@ class Sampling:
     temperature: float = 0.0
     top_k: int = 40
     top_p: float = 0.95
-    min_p: float = 0.0
-    repeat_penalty: float = 1.1
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
     seed: int = 1234

@@ -72,6 +72,7 @@ from inference.llama import (
     gpu_offload_supported,
     llama_cpp_version,
 )
+from inference.logprobs import LogprobsByText, token_logprob
 from inference.sampling import SamplerChain, grammar_for_json_schema, json_object_grammar
 from inference.scheduler import (
     STEP_TOKENS,
@@ -201,6 +202,9 @@ class _Job:
     # Its request in the scheduler (its slot and progress) while it has a
     # slot; unset when it ends, since the request refers back to the job.
     scheduled: ScheduledRequest[_Job] | None = None
+    # Its tokens' logprobs on their way to the text that carries them; None
+    # when the request asked for none.
+    logprobs: LogprobsByText | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -552,6 +556,8 @@ class Engine:
             stops=StopMatcher((*params.stop, *template_stops)),
         )
         job.scheduled = admission.request
+        if params.logprobs is not None:
+            job.logprobs = LogprobsByText()
         self._record_reuse(len(prompt), admission.reused, admission.source)
         self._record_kv_operations(admission.kv_operations)
 
@@ -686,9 +692,16 @@ class Engine:
         if scheduled.completion_tokens > 1:
             metrics.inter_token_latency.labels(self.spec.name).observe(now - scheduled.last_token_at)
         scheduled.last_token_at = now
-        text, stopped = scheduled.stops.feed(scheduled.decoder.decode(model.piece(token)))
+        piece = model.piece(token)
+        decoded = scheduled.decoder.decode(piece)
+        aligned = job.logprobs
+        sampled = scheduled.sampler.last_logprobs
+        if aligned is not None and sampled is not None:
+            complete = not scheduled.decoder.getstate()[0]
+            aligned.decoded(token_logprob(sampled, model.piece), len(decoded), complete=complete)
+        text, stopped = scheduled.stops.feed(decoded)
         if text:
-            self._emit(job, TextDelta(text))
+            self._emit(job, TextDelta(text, aligned.sent(len(text)) if aligned is not None else ()))
         if stopped:
             self._end(scheduled, "stop")
         elif scheduled.completion_tokens >= scheduled.max_tokens:
@@ -707,7 +720,8 @@ class Engine:
         if reason not in ("stop", "error"):
             tail = scheduled.stops.flush(scheduled.decoder.decode(b"", final=True))
             if tail:
-                self._emit(scheduled.owner, TextDelta(tail))
+                aligned = scheduled.owner.logprobs
+                self._emit(scheduled.owner, TextDelta(tail, aligned.rest() if aligned is not None else ()))
         self._finish(scheduled.owner, reason, error=error)
         scheduled.owner.scheduled = None  # no cycle left for the garbage collector
 

@@ -10,6 +10,17 @@ server-sent events into :class:`~inference.types.TextDelta` /
 and no thread is used: the HTTP client is asynchronous, and a client lives only
 as long as its stream (so no connection outlives the loop that opened it).
 
+Logprobs (:attr:`~inference.types.SamplingParams.logprobs`) are asked of the
+server with OpenAI's fields (``logprobs: true`` and ``top_logprobs`` on chat
+completions, ``logprobs: N`` on text completions; at least 1, as llama-server
+sends none for 0, the extra alternative left out) and read from each chunk,
+in the chat shape (``logprobs.content``, which llama-server sends on both
+endpoints) or the legacy one (``tokens``, ``token_logprobs``,
+``top_logprobs``); a chunk's tokens come with its text, or with the next
+chunk that has text. They are the server's own: computed its way (llama-server
+from the logits before its penalties), and none at all from a server that
+ignores the fields.
+
 How the server's failures reach the caller:
 
 * before the first token, as the :class:`~inference.types.InferenceError`
@@ -52,6 +63,8 @@ from inference.types import (
     InvalidRequest,
     ModelUnavailable,
     TextDelta,
+    TokenLogprob,
+    TopLogprob,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,7 +108,59 @@ def _sampling_body(request: GenerationRequest, backend: RemoteBackend, model: st
         body["prompt"] = request.prompt
     else:
         body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+    if params.logprobs is not None:
+        # At least one alternative: llama-server sends no logprobs at all for
+        # 0; the extra one is dropped (_upstream_logprobs).
+        asked = max(1, params.logprobs)
+        if request.prompt is not None:
+            body["logprobs"] = asked
+        else:
+            body.update(logprobs=True, top_logprobs=asked)
     return body
+
+
+def _upstream_logprobs(choice: dict[str, Any], top: int) -> list[TokenLogprob]:
+    """The tokens of one streamed choice's ``logprobs``, in either of
+    OpenAI's shapes, with at most ``top`` alternatives each; whatever does
+    not parse is left out."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return []
+    try:
+        content = logprobs.get("content")
+        if isinstance(content, list):
+            return [
+                TokenLogprob(
+                    *_token_fields(entry),
+                    tuple(TopLogprob(*_token_fields(other)) for other in entry.get("top_logprobs") or ())[
+                        :top
+                    ],
+                )
+                for entry in content
+            ]
+        tokens, values = logprobs.get("tokens") or [], logprobs.get("token_logprobs") or []
+        tops = logprobs.get("top_logprobs") or [None] * len(tokens)
+        return [
+            TokenLogprob(
+                str(token),
+                float(value),
+                tuple(str(token).encode()),
+                tuple(
+                    TopLogprob(str(text), float(other), tuple(str(text).encode()))
+                    for text, other in sorted((alternatives or {}).items(), key=lambda pair: -pair[1])
+                )[:top],
+            )
+            for token, value, alternatives in zip(tokens, values, tops, strict=True)
+        ]
+    except (TypeError, ValueError, AttributeError, KeyError):
+        logger.warning("the remote server sent logprobs that do not parse; left out")
+        return []
+
+
+def _token_fields(entry: dict[str, Any]) -> tuple[str, float, tuple[int, ...]]:
+    token = str(entry["token"])
+    data = entry.get("bytes")
+    return token, float(entry["logprob"]), tuple(int(b) for b in data) if data else tuple(token.encode())
 
 
 def _error_message(response_body: bytes) -> str:
@@ -227,11 +292,14 @@ class RemoteStream(QueuedStream):
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
             text = delta.get("content") if "delta" in choice else choice.get("text")
+            if self._request.params.logprobs is not None:
+                state.logprobs.extend(_upstream_logprobs(choice, self._request.params.logprobs))
             if text:
                 if state.first_token_at is None:
                     state.first_token_at = time.monotonic()
                 state.completion_tokens += 1
-                self._events.put_nowait(TextDelta(text))
+                logprobs, state.logprobs = tuple(state.logprobs), []
+                self._events.put_nowait(TextDelta(text, logprobs))
             reason = choice.get("finish_reason")
             if reason:
                 state.finish_reason = "length" if reason == "length" else "stop"
@@ -275,6 +343,8 @@ class _Progress:
         self.completion_tokens = 0  # events with text: the count when no usage comes
         self.usage_completion = 0
         self.finish_reason: FinishReason | None = None
+        # Tokens the server sent logprobs of before the text that carries them.
+        self.logprobs: list[TokenLogprob] = []
 
 
 def redacted_url(url: str) -> str:

@@ -21,6 +21,7 @@ from inference.prompt_cache import common_prefix_length
 if TYPE_CHECKING:
     import llama_cpp
 
+    from inference.logprobs import SampledLogprobs
     from inference.stops import StopMatcher
 
 # Whatever the scheduler's user attaches to each request (the engine's job);
@@ -48,6 +49,10 @@ class Sampler(Protocol):
 
     # Why a grammar ended the reply early, or None.
     grammar_gave_up: str | None
+
+    @property
+    def last_logprobs(self) -> SampledLogprobs | None:
+        """The last sampled token's logprobs, when the request asked for them."""
 
     def sample(self, context: llama_cpp.llama_context_p, index: int) -> int: ...
 

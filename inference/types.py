@@ -95,24 +95,34 @@ class ChatMessage:
             raise InvalidRequest("message content must be a string")
 
 
+# The most alternatives a token's logprobs may list (OpenAI's top_logprobs limit).
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings; defaults follow llama.cpp's own."""
+    """Sampling settings; the defaults are llama-server's (llama.cpp's
+    ``common_params_sampling``): temperature 0.8, top-k 40, top-p 0.95,
+    min-p 0.05 and no repeat, presence or frequency penalty."""
 
     temperature: float = 0.8
     top_p: float = 0.95
     top_k: int = 40
-    repeat_penalty: float = 1.1
+    # 1.0: no repeat penalty unless asked (llama-server's default).
+    repeat_penalty: float = 1.0
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    # 0 turns min-p off (the engine's behaviour before it was a setting).
-    min_p: float = 0.0
+    # 0 turns min-p off.
+    min_p: float = 0.05
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # A GBNF grammar (llama.cpp's format) the reply must follow, such as the one
     # :func:`inference.engine.grammar_for_json_schema` makes; None: free text.
     grammar: str | None = None
+    # None: no logprobs. 0 to MAX_TOP_LOGPROBS: each reply token's
+    # :class:`TokenLogprob`, with that many alternatives (TextDelta.logprobs).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def check(ok: bool, param: str, message: str) -> None:
@@ -173,6 +183,18 @@ class SamplingParams:
         )
         if self.seed is not None:
             check(0 <= self.seed < 2**32, "seed", "seed must be between 0 and 4294967295")
+        # Named as OpenAI's field (chat completions' top_logprobs) since the
+        # count is what can be wrong; the text completions' ``logprobs`` is the same number.
+        check(
+            self.logprobs is None
+            or (
+                isinstance(self.logprobs, int)
+                and not isinstance(self.logprobs, bool)
+                and 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+            ),
+            "top_logprobs",
+            f"top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}",
+        )
 
 
 @dataclass(frozen=True)
@@ -199,10 +221,56 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a position, as OpenAI's
+    ``top_logprobs`` entries: its text (its bytes decoded with ``errors="replace"``),
+    its log probability (natural log, at most 0) and its UTF-8 bytes (which may
+    end, or begin, inside a character). A special token (the end of text) has
+    no text, as in the reply (llama-server shows them so too)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text, log probability and bytes, as
+    :class:`TopLogprob`, and the ``top`` alternatives at its position, most
+    likely first (the requested number, fewer when a grammar allows fewer
+    tokens). The sampled token is among them when it is that likely.
+
+    The probabilities are the model's distribution over the whole vocabulary
+    after the penalties and the grammar (a token the grammar forbids has
+    probability 0 and is never listed), before temperature, top-k, top-p and
+    min-p: those shape the draw, not what the model predicted.
+    """
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
-    """A piece of the reply, in order; joined they are the whole reply."""
+    """A piece of the reply, in order; joined they are the whole reply.
+
+    ``logprobs`` (when the request asked for them, :attr:`SamplingParams.logprobs`)
+    are the tokens whose text this piece completes, in order: a token is
+    attached to the piece that carries the end of its text, so a token that
+    ends inside a UTF-8 character, or whose text is held back while it may
+    begin a stop string, comes with the piece that releases it (its text may
+    begin in an earlier piece). A piece's tokens end on a whole character, and
+    over a reply that nothing cut, their bytes joined are the reply's bytes.
+    Tokens whose text is never sent are left out: the end-of-generation
+    token, the tokens a stop string swallowed, the one it begins in included
+    (as llama-server does), and text held back when the reply ended. A remote
+    model's logprobs are its server's (see :mod:`inference.remote`).
+    """
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

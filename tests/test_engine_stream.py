@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from inference.engine import Engine, gpu_layers_for, gpu_offload_supported
-from inference.types import ContextLengthExceeded, EngineBusy, Finished, TextDelta
+from inference.types import (
+    ContextLengthExceeded,
+    EngineBusy,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
 from tests.conftest import collect, greedy, make_engine
 from tests.engine_helpers import deterministic
 
@@ -49,6 +56,49 @@ async def test_it_gives_the_same_text_twice_with_a_seed_and_temperature_zero(
     second, _ = await collect(engine, request)
     assert first
     assert first == second
+
+
+def raw_greedy_completion(path: str, *, n_ctx: int, prompt: str, max_tokens: int) -> tuple[int, str]:
+    """llama-cpp-python's own greedy completion of ``prompt`` (its prompt
+    tokens counted), with its default penalties; in the calling thread.
+
+    llama.cpp's logits depend (in their last bits) on how a prompt is cut
+    into micro-batches, enough to flip a near tie ("-" at -0.983 against "\n"
+    at -1.012 after 40 tokens of this prompt). The engine evaluates a short
+    prompt less its last token in one batch, then the last token as its first
+    decode step; llama-cpp-python is primed the same way (its prefix match
+    then evaluates only the last token), so both see the same logits.
+    """
+    from llama_cpp import Llama
+
+    llama = Llama(model_path=path, n_ctx=n_ctx, n_threads=1, verbose=False)
+    try:
+        tokens = llama.tokenize(prompt.encode(), add_bos=True, special=False)
+        llama.eval(tokens[:-1])
+        completion = llama.create_completion(tokens, max_tokens=max_tokens, temperature=0.0)
+        return len(tokens), completion["choices"][0]["text"]  # type: ignore[index]
+    finally:
+        llama.close()
+
+
+async def test_its_greedy_text_with_the_default_penalties_is_llama_cpp_pythons(
+    deterministic_engine: Engine,
+) -> None:
+    # No repeat penalty by default (llama-server's and llama-cpp-python's
+    # default too): a greedy reply is the model's own, token for token.
+    prompt = "The three primary colours are red, blue and"
+    request = GenerationRequest([], SamplingParams(temperature=0, max_tokens=48), prompt=prompt)
+    text, finished = await collect(deterministic_engine, request)
+    prompt_tokens, raw = await asyncio.to_thread(
+        raw_greedy_completion,
+        str(deterministic_engine.spec.source.resolve()),
+        n_ctx=deterministic_engine.n_ctx,
+        prompt=prompt,
+        max_tokens=48,
+    )
+    assert finished.prompt_tokens == prompt_tokens
+    assert finished.completion_tokens > 16
+    assert text == raw
 
 
 async def test_it_stops_at_max_tokens_with_length(engine: Engine) -> None:

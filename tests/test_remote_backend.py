@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
@@ -33,14 +34,17 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 class Misbehaving(BaseHTTPRequestHandler):
     """``/<mode>/v1/chat/completions``: two chunks of text, then per mode:
     ``stop`` closes the connection, ``hang`` goes silent, ``busy`` and
-    ``broken`` answer 503 and 500 at once, ``silent`` sends no headers."""
+    ``broken`` answer 503 and 500 at once, ``silent`` sends no headers;
+    ``logprobs`` gives each chunk the logprobs the request asked for (the
+    first in a chunk of its own, without text, as llama-server may) and ends
+    the stream properly."""
 
     def log_message(self, format: str, *args: object) -> None:
         pass
 
     def do_POST(self) -> None:
         mode = self.path.split("/")[1]
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         if mode in ("busy", "broken"):
             body = json.dumps({"error": {"message": f"{mode} upstream"}}).encode()
             self.send_response(503 if mode == "busy" else 500)
@@ -57,12 +61,35 @@ class Misbehaving(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
+        if mode == "logprobs":
+            self.send_logprobs(request)
+            return
         for text in ("Hello", " there"):
             chunk = {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
         if mode == "hang":
             time.sleep(3)
+        self.close_connection = True
+
+    def send_logprobs(self, request: dict[str, object]) -> None:
+        assert request["logprobs"] is True
+        top = int(request["top_logprobs"])  # type: ignore[call-overload]
+
+        def entry(token: str, logprob: float) -> dict[str, object]:
+            alternatives = [{"token": token, "logprob": logprob, "bytes": list(token.encode())}] * top
+            return {**alternatives[0], "top_logprobs": alternatives}
+
+        chunks: list[dict[str, Any]] = [
+            {"delta": {"content": ""}, "logprobs": {"content": [entry("Hel", -0.5)]}},
+            {"delta": {"content": "Hello"}, "logprobs": {"content": [entry("lo", -0.25)]}},
+            {"delta": {"content": " there"}, "logprobs": {"content": [entry(" there", -1.0)]}},
+            {"delta": {}, "finish_reason": "stop"},
+        ]
+        for choice in chunks:
+            self.wfile.write(f"data: {json.dumps({'choices': [{'index': 0, **choice}]})}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
         self.close_connection = True
 
 
@@ -160,6 +187,27 @@ async def test_it_keeps_the_servers_address_out_of_the_errors_people_see(misbeha
     with pytest.raises(RemoteUnavailable) as refused:
         await run(remote(f"http://ops:hunter2@127.0.0.1:{free_port()}/v1"))
     assert "hunter2" not in str(refused.value)
+
+
+async def test_it_asks_for_logprobs_and_passes_the_servers_on(misbehaving: str) -> None:
+    client = remote(f"{misbehaving}/logprobs/v1")
+    deltas = []
+    async with client.stream(greedy("Name three colours.", logprobs=2)) as stream:
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                deltas.append(event)
+            else:
+                assert event.reason == "stop"
+    assert [delta.text for delta in deltas] == ["Hello", " there"]
+    # The logprobs of a chunk without text come with the next text.
+    assert [[item.token for item in delta.logprobs] for delta in deltas] == [["Hel", "lo"], [" there"]]
+    first = deltas[0].logprobs[0]
+    assert (first.logprob, first.bytes, len(first.top)) == (-0.5, tuple(b"Hel"), 2)
+    # No alternatives: one is asked for (llama-server gives no logprobs for 0) and left out.
+    async with client.stream(greedy("Name three colours.", logprobs=0)) as stream:
+        events = [event async for event in stream]
+    items = [item for event in events if isinstance(event, TextDelta) for item in event.logprobs]
+    assert [len(item.top) for item in items] == [0, 0, 0]
 
 
 async def test_it_reports_a_refused_connection() -> None:

@@ -30,6 +30,17 @@ def test_it_refuses_a_bad_sampling_parameter_by_name(changes: dict[str, object],
         SamplingParams(**changes)  # type: ignore[arg-type]
 
 
+def test_its_defaults_are_llama_servers() -> None:
+    # llama.cpp's common_params_sampling: min_p 0.05, penalty_repeat 1.00
+    # (no penalty), temp 0.80, top_k 40, top_p 0.95.
+    from inference.sampling import Penalties
+
+    params = SamplingParams()
+    assert (params.temperature, params.top_k, params.top_p, params.min_p) == (0.8, 40, 0.95, 0.05)
+    assert (params.repeat_penalty, params.presence_penalty, params.frequency_penalty) == (1.0, 0.0, 0.0)
+    assert not Penalties.wanted(params)  # so a reply costs no penalty work unless asked
+
+
 def test_it_accepts_the_defaults_and_the_extremes() -> None:
     SamplingParams()
     SamplingParams(temperature=0, top_p=1, top_k=0, max_tokens=1, seed=0, stop=("\n",))

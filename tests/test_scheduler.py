@@ -75,6 +75,7 @@ class FakeKvStore:
 
 class NoSampler:
     grammar_gave_up: str | None = None
+    last_logprobs: None = None
 
     def sample(self, context: llama_cpp.llama_context_p, index: int) -> int:
         raise AssertionError("the scheduler never samples")

@@ -23,9 +23,18 @@ from django.test import override_settings
 
 from inference import registry
 from inference.checks import check_worker_secret
-from inference.types import EngineBusy, Finished
+from inference.types import EngineBusy, Finished, TextDelta, TokenLogprob, TopLogprob
 from inference.workers.client import WorkerClient
-from inference.workers.protocol import UnsignedMessage, check_signed, encode_request, jobs_channel, sign
+from inference.workers.protocol import (
+    UnsignedMessage,
+    check_signed,
+    decode_delta,
+    decode_request,
+    encode_delta,
+    encode_request,
+    jobs_channel,
+    sign,
+)
 from inference.workers.server import RunningJob, Worker
 from tests.conftest import greedy
 
@@ -110,6 +119,52 @@ def test_it_refuses_a_message_without_a_signature_or_with_another_secret(setting
     settings.CHATSITE_WORKER_SECRET = SECRET
     with pytest.raises(UnsignedMessage, match="bad signature"):
         check_signed(other, channel=CHANNEL)
+
+
+# A piece with a character split between two tokens, as the engine sends it.
+WITH_LOGPROBS = TextDelta(
+    " 你",
+    (
+        TokenLogprob(
+            " \ufffd",
+            -0.5,
+            (32, 228),
+            (TopLogprob(" \ufffd", -0.5, (32, 228)), TopLogprob("!", -2.25, (33,))),
+        ),
+        TokenLogprob("\ufffd\ufffd", -1e-07, (189, 160)),
+    ),
+)
+
+
+def test_it_carries_logprobs_signed_through_redis() -> None:
+    wire = RedisChannelLayer(hosts=["redis://127.0.0.1:1/0"])  # serializes only: never connects
+    message = {**encode_delta(WITH_LOGPROBS), "job": "j1", "worker": "specific.w!control", "seq": 3}
+    received = wire.deserialize(wire.serialize(sign(message, channel=CHANNEL)))
+    assert decode_delta(check_signed(received, channel=CHANNEL, job="j1")) == WITH_LOGPROBS
+    changed = [[*received["logprobs"][0][:1], -0.1, *received["logprobs"][0][2:]]]
+    with pytest.raises(UnsignedMessage, match="bad signature"):
+        check_signed({**received, "logprobs": changed}, channel=CHANNEL)
+    # A delta without logprobs is sent, and read, as before they existed.
+    assert encode_delta(TextDelta("Hello")) == {"type": "job.delta", "text": "Hello"}
+    assert decode_delta(delta()) == TextDelta("Hello")
+
+
+def test_it_sends_the_logprobs_setting_only_when_asked() -> None:
+    plain = encode_request(greedy("Hi."))
+    assert "logprobs" not in plain["params"]  # a worker older than the field still takes it
+    assert decode_request(plain).params.logprobs is None
+    asked = encode_request(greedy("Hi.", logprobs=3))
+    assert decode_request(asked).params.logprobs == 3
+
+
+async def test_it_relays_a_workers_logprobs_to_the_front_end() -> None:
+    stream, worker = await started()
+    fields = {key: value for key, value in encode_delta(WITH_LOGPROBS).items() if key != "type"}
+    await worker.send("job.delta", **fields)
+    await worker.finish()
+    events = [event async for event in stream]
+    assert events[0] == WITH_LOGPROBS
+    assert isinstance(events[-1], Finished)
 
 
 def test_it_signs_nothing_without_a_long_enough_secret(settings: Any) -> None:

@@ -27,13 +27,13 @@ from inference.types import (
     InferenceError,
     ModelUnavailable,
     StreamEvent,
-    TextDelta,
     WorkerLost,
 )
 from inference.workers.protocol import (
     UnsignedMessage,
     check_signed,
     count_channel,
+    decode_delta,
     drops,
     encode_request,
     error_from,
@@ -183,7 +183,7 @@ class WorkerStream(QueuedStream):
             else:
                 expected += 1
                 if kind == "job.delta":
-                    self._events.put_nowait(TextDelta(message["text"]))
+                    self._events.put_nowait(decode_delta(message))
                     relayed = True
                 elif kind == "job.finished":
                     return Finished(**message["finished"])

@@ -26,6 +26,9 @@ from inference.types import (
     InvalidRequest,
     ModelUnavailable,
     SamplingParams,
+    TextDelta,
+    TokenLogprob,
+    TopLogprob,
     WorkerLost,
 )
 
@@ -55,6 +58,10 @@ def _channel_part(model: str) -> str:
 def encode_request(request: GenerationRequest) -> dict[str, Any]:
     params = dataclasses.asdict(request.params)
     params["stop"] = list(request.params.stop)
+    if params["logprobs"] is None:
+        # Left out unless asked for, so that a worker older than the field
+        # still takes the request (SamplingParams' default is None).
+        del params["logprobs"]
     return {
         "messages": [[m.role, m.content] for m in request.messages],
         "prompt": request.prompt,
@@ -72,6 +79,39 @@ def decode_request(data: dict[str, Any]) -> GenerationRequest:
         transport=data["transport"],
         prompt=data["prompt"],
     )
+
+
+def encode_delta(event: TextDelta) -> dict[str, Any]:
+    """A ``job.delta`` message (less its routing fields) carrying ``event``.
+
+    Logprobs travel as lists (msgpack and the signature's JSON keep lists,
+    strings, ints and finite floats exactly): each token ``[text, logprob,
+    bytes, top]``, ``top`` a list of ``[text, logprob, bytes]``. A delta
+    without logprobs has no ``logprobs`` field, as before they existed."""
+    message: dict[str, Any] = {"type": "job.delta", "text": event.text}
+    if event.logprobs:
+        message["logprobs"] = [
+            [item.token, item.logprob, list(item.bytes), _top(item)] for item in event.logprobs
+        ]
+    return message
+
+
+def _top(item: TokenLogprob) -> list[list[Any]]:
+    return [[top.token, top.logprob, list(top.bytes)] for top in item.top]
+
+
+def decode_delta(message: dict[str, Any]) -> TextDelta:
+    """The :class:`TextDelta` a signed ``job.delta`` carries (:func:`encode_delta`)."""
+    logprobs = tuple(
+        TokenLogprob(
+            str(token),
+            float(logprob),
+            tuple(data),
+            tuple(TopLogprob(str(t), float(lp), tuple(d)) for t, lp, d in top),
+        )
+        for token, logprob, data, top in message.get("logprobs") or ()
+    )
+    return TextDelta(message["text"], logprobs)
 
 
 def error_fields(exc: InferenceError) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from inference.workers.protocol import (
     count_channel,
     decode_request,
     drops,
+    encode_delta,
     error_fields,
     jobs_channel,
     sign,
@@ -212,7 +213,7 @@ class Worker:
                 async for event in generation:
                     message: dict[str, Any]
                     if isinstance(event, TextDelta):
-                        message = {"type": "job.delta", "text": event.text}
+                        message = encode_delta(event)
                     else:
                         message = {"type": "job.finished", "finished": dataclasses.asdict(event)}
                     if not await self._send_job(job, message):
