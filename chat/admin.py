@@ -233,9 +233,23 @@ def _tree_rows(conversation: Conversation, tree: MessageTree) -> list[dict[str, 
                 "shown": message.id in shown,
                 "indent": min(indent[message.id], MAX_INDENT) * 1.5,
                 "url": reverse("admin:chat_message_change", args=[message.pk]),
+                "tools": _tool_lines(message),
             }
         )
     return rows
+
+
+def _tool_lines(message: Message) -> list[str]:
+    """A message's tool calls, one line each (``get_weather({"city": "Paris"}) [call_1]``),
+    or the call a tool message answers; plain text, escaped where it is shown."""
+    if message.role == Message.Role.TOOL:
+        return [f"result of call {message.tool_call_id or '(none)'}"]
+    calls = message.tool_calls if isinstance(message.tool_calls, list) else []
+    return [
+        f"called {call.get('name', '')}({call.get('arguments', '')}) [{call.get('id', '')}]"
+        for call in calls
+        if isinstance(call, dict)
+    ]
 
 
 @admin.register(Message)
@@ -246,13 +260,16 @@ class MessageAdmin(MessageAdminBase):
     search_fields = ("content",)
     search_help_text = "Search the text of messages."
     # The tree (conversation, parent, role) is changed only by the chat
-    # services; an operator may correct the text or the status.
+    # services; an operator may correct the text or the status. Tool calls
+    # and the call a tool result answers are shown, not edited.
     fields = (
         "id",
         "conversation",
         "parent",
         "role",
         "content",
+        "tool_calls_shown",
+        "tool_call_id",
         "status",
         "model_name",
         "finish_reason",
@@ -269,6 +286,13 @@ class MessageAdmin(MessageAdminBase):
     @admin.display(description="message")
     def short_content(self, message: Message) -> str:
         return str(message)
+
+    @admin.display(description="tool calls")
+    def tool_calls_shown(self, message: Message) -> str:
+        # Plain text: the admin escapes it (the arguments are a model's output).
+        if message.role == Message.Role.TOOL:
+            return "—"
+        return "\n".join(_tool_lines(message)) or "—"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         # A message has a place in a tree that only the chat services set.

@@ -27,6 +27,7 @@ from django.conf import settings
 
 from chat.models import Conversation, Message
 from inference import registry
+from inference.tools import PromptTools, ToolCall, Turn, prompt_messages
 from inference.types import ChatMessage, ContextLengthExceeded
 
 PROMPT_STATUSES = frozenset({Message.Status.COMPLETE, Message.Status.STOPPED, Message.Status.INTERRUPTED})
@@ -80,8 +81,17 @@ class Prompt:
         return bool(self.left_out_ids)
 
 
-def _chat(message: Message) -> ChatMessage:
-    return ChatMessage(message.role, message.content)  # type: ignore[arg-type]
+def _turn(message: Message) -> Turn:
+    calls = tuple(
+        ToolCall(str(c.get("id", "")), str(c.get("name", "")), str(c.get("arguments", "")))
+        for c in message.tool_calls
+        if isinstance(c, dict)
+    )
+    return Turn(message.role, message.content, calls=calls, call_id=message.tool_call_id)
+
+
+def _sendable(message: Message) -> bool:
+    return message.status in PROMPT_STATUSES and bool(message.content or message.tool_calls)
 
 
 def build_prompt(
@@ -92,8 +102,16 @@ def build_prompt(
     context_size: int,
     max_tokens: int,
     count_tokens: TokenCounter,
+    tools: PromptTools | None = None,
+    whole: bool = False,
 ) -> Prompt:
     """The prompt for the reply that follows ``branch`` (oldest message first).
+
+    Tool calls and results are written in the generic format of
+    :mod:`inference.tools`, and ``tools`` (the ones the reply may call) are
+    described in the system turn. ``whole``: nothing may be left out (the
+    Responses API's ``truncation: disabled``): all of the branch fits, or
+    :class:`~inference.types.ContextLengthExceeded` says by how much not.
 
     ``count_tokens`` counts the prompt tokens of a list of messages with the
     model's template (``Engine.count_prompt_tokens``); it is called a few times
@@ -103,12 +121,12 @@ def build_prompt(
     """
     if max_messages < 1:
         raise ValueError("max_messages must be at least 1")
-    sendable = [m for m in branch if m.status in PROMPT_STATUSES and m.content]
-    skipped = tuple(m.id for m in branch if m.status not in PROMPT_STATUSES or not m.content)
+    sendable = [m for m in branch if _sendable(m)]
+    skipped = tuple(m.id for m in branch if not _sendable(m))
     if not sendable:
         raise ValueError("the conversation has no message to reply to")
 
-    head = [ChatMessage("system", conversation.system_prompt)] if conversation.system_prompt else []
+    head = [Turn("system", conversation.system_prompt)] if conversation.system_prompt else []
     leading: list[Message] = []
     for message in sendable[:-1]:
         if message.role != Message.Role.SYSTEM:
@@ -116,10 +134,13 @@ def build_prompt(
         leading.append(message)
     newest = sendable[-1]
     middle = sendable[len(leading) : -1]
-    kept = middle[max(0, len(middle) - (max_messages - 1)) :]
+    kept = middle if whole else middle[max(0, len(middle) - (max_messages - 1)) :]
 
     def assemble(window: Sequence[Message]) -> list[ChatMessage]:
-        return [*head, *map(_chat, leading), *map(_chat, window), _chat(newest)]
+        turns = [*head, *map(_turn, leading), *map(_turn, window), _turn(newest)]
+        if tools is not None:
+            return tools.messages(turns)
+        return prompt_messages(turns)
 
     limit = context_size - max_tokens
     tokens = count_tokens(assemble([]))
@@ -155,6 +176,9 @@ def build_prompt(
         else:
             hi = mid - 1
     window = kept[len(kept) - lo :]
+    if whole and len(window) < len(middle):
+        total = count_tokens(assemble(middle))
+        raise ContextLengthExceeded(prompt_tokens=total, limit=limit, model=conversation.model_name)
     included = [*leading, *window, newest]
     included_ids = {m.id for m in included}
     left_out = tuple(m.id for m in sendable if m.id not in included_ids)
@@ -169,7 +193,13 @@ def build_prompt(
 
 
 def build_prompt_for_reply(
-    *, conversation: Conversation, branch: Sequence[Message], max_tokens: int, model_name: str = ""
+    *,
+    conversation: Conversation,
+    branch: Sequence[Message],
+    max_tokens: int,
+    model_name: str = "",
+    tools: PromptTools | None = None,
+    whole: bool = False,
 ) -> Prompt:
     """:func:`build_prompt` with the model that will reply (``model_name``, by
     default the conversation's) and the configured history length
@@ -187,4 +217,6 @@ def build_prompt_for_reply(
         context_size=engine.n_ctx,
         max_tokens=max_tokens,
         count_tokens=engine.count_prompt_tokens,
+        tools=tools,
+        whole=whole,
     )

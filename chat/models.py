@@ -136,6 +136,8 @@ class Message(ExportModelOperationsMixin("message"), models.Model):  # type: ign
         SYSTEM = "system"
         USER = "user"
         ASSISTANT = "assistant"
+        # A tool's result, answering the call of tool_call_id (from the API).
+        TOOL = "tool"
 
     class Status(models.TextChoices):
         COMPLETE = "complete"
@@ -154,6 +156,10 @@ class Message(ExportModelOperationsMixin("message"), models.Model):  # type: ign
     )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)
+    # An assistant's tool calls, each {"id", "name", "arguments"} (arguments:
+    # JSON text, as OpenAI sends it); a tool message's call id.
+    tool_calls = models.JSONField(default=list, blank=True)
+    tool_call_id = models.CharField(max_length=128, blank=True)
     # The content rendered for the page (Markdown, sanitized: chat.rendering),
     # kept so that a message is rendered once, not on every view; valid while
     # html_version is chat.rendered.HTML_VERSION (0: not rendered yet).

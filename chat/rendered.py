@@ -18,6 +18,12 @@ being generated.
 
 A reply still streaming has no stored HTML: its text so far is rendered each
 time it is shown.
+
+A tool message (a tool's result, given by an API client) is never rendered:
+the page shows its text as plain text (``templates/chat/_branch.html``), so
+it costs no render and keeps no HTML. An assistant message's tool calls are
+not part of its ``content`` and are not rendered either; its text, if it has
+any, is Markdown as any reply's.
 """
 
 from __future__ import annotations
@@ -57,10 +63,14 @@ async def in_pool(function: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(_POOL, function, *args)
 
 
+def _shown_as_markdown(messages: Iterable[Message]) -> list[Message]:
+    return [message for message in messages if message.role != Message.Role.TOOL]
+
+
 def _stale(messages: Iterable[Message]) -> list[Message]:
     return [
         message
-        for message in messages
+        for message in _shown_as_markdown(messages)
         if message.status != Message.Status.STREAMING and message.html_version != HTML_VERSION
     ]
 
@@ -87,9 +97,9 @@ def _store(messages: Sequence[Message]) -> None:
 async def ensure_html(messages: Sequence[Message]) -> None:
     """Give every finished message of ``messages`` its HTML (rendered in the
     pool when it has none yet, then stored); a streaming one gets its text so
-    far rendered, not stored."""
+    far rendered, not stored. Tool messages are left as they are."""
     stale = _stale(messages)
-    streaming = [message for message in messages if message.status == Message.Status.STREAMING]
+    streaming = [m for m in _shown_as_markdown(messages) if m.status == Message.Status.STREAMING]
     if stale:
         await in_pool(_render_all, stale)
         await database_sync_to_async(_store)(stale)
@@ -105,6 +115,6 @@ def ensure_html_now(messages: Sequence[Message]) -> None:
     if stale:
         _POOL.submit(_render_all, stale).result()
         _store(stale)
-    for message in messages:
+    for message in _shown_as_markdown(messages):
         if message.status == Message.Status.STREAMING:
             message.html = _POOL.submit(render_markdown, message.content).result()

@@ -83,6 +83,7 @@ from chat.selectors import branch_ending_at
 from chatsite import ratelimit
 from inference import registry
 from inference.client import EngineClient, GenerationStream
+from inference.tools import PromptTools
 from inference.types import (
     ChatMessage,
     Finished,
@@ -91,6 +92,7 @@ from inference.types import (
     InvalidRequest,
     SamplingParams,
     TextDelta,
+    TokenLogprob,
     Transport,
     WorkerLost,
 )
@@ -129,9 +131,12 @@ class ReplyStarted:
 
 @dataclass(frozen=True)
 class ReplyText:
-    """A piece of the reply, in order."""
+    """A piece of the reply, in order, with the logprobs of the tokens whose
+    text it completes when the request asked for them (the engine's
+    :attr:`inference.types.TextDelta.logprobs`, which says how tokens map to pieces)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class ReplyFailed(Exception):
@@ -336,6 +341,8 @@ class ReplyRun:
         limits: Sequence[ratelimit.Limit] = (),
         messages: Sequence[ChatMessage] = (),
         prompt: str | None = None,
+        tools: PromptTools | None = None,
+        whole_history: bool = False,
     ) -> None:
         if (conversation is None) != (parent is None):
             raise ValueError("a stored reply needs its conversation and the message it answers")
@@ -347,6 +354,11 @@ class ReplyRun:
         self.parent = parent
         self.messages = tuple(messages)
         self.text_prompt = prompt
+        # The tools a stored conversation's prompt describes (a stateless
+        # reply's messages already do).
+        self.tools = tools
+        # Send the whole branch or refuse (no trimming to fit).
+        self.whole_history = whole_history
         self.params = params
         self.transport = transport
         self.model_name = model_name or (conversation.model_name if conversation is not None else "")
@@ -450,7 +462,7 @@ class ReplyRun:
                             streamed += 1
                             if writer is not None:
                                 writer.add(event.text)
-                            yield ReplyText(event.text)
+                            yield ReplyText(event.text, event.logprobs)
                             if writer is not None:
                                 writer.poke()
                                 if not writer.still_streaming:
@@ -553,6 +565,8 @@ class ReplyRun:
                 branch=branch,
                 max_tokens=self.params.max_tokens,
                 model_name=self.model_name,
+                tools=self.tools,
+                whole=self.whole_history,
             )
         except ValueError as exc:  # nothing to answer
             if isinstance(exc, InferenceError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import ValidationError
@@ -255,6 +256,13 @@ def do_switch_to_sibling(*, message: Message) -> Message:
 
 
 @transaction.atomic
+def do_continue_from(*, message: Message) -> None:
+    """Show the branch that ends at ``message``, so that what is added next
+    follows it (a new branch when it had children)."""
+    _touch(message.conversation, current_leaf=message)
+
+
+@transaction.atomic
 def do_rename_conversation(*, conversation: Conversation, title: str) -> None:
     _touch(conversation, title=title.strip()[:TITLE_MAX_LENGTH])
 
@@ -325,28 +333,56 @@ def do_claim_session_conversations(*, session_key: str, user: AbstractBaseUser) 
 # --- Written for the REST API and the importer (api/, chat/sessions_io/) ---
 
 
+@dataclass(frozen=True)
+class NewMessage:
+    """A message to append: an assistant's may carry ``tool_calls`` (each
+    ``{"id", "name", "arguments"}``), a tool's the ``tool_call_id`` it answers."""
+
+    role: str
+    content: str
+    tool_calls: list[dict[str, str]] = field(default_factory=list)
+    tool_call_id: str = ""
+
+
 @transaction.atomic
-def do_add_messages(*, conversation: Conversation, messages: Sequence[tuple[str, str]]) -> Message | None:
-    """Append messages given as ``(role, content)`` to the end of the shown
-    branch, in order, each the parent of the next; the last becomes the end
-    of the shown branch and is returned (None when there were none).
+def do_add_messages(
+    *, conversation: Conversation, messages: Sequence[tuple[str, str] | NewMessage]
+) -> Message | None:
+    """Append messages (``(role, content)`` or :class:`NewMessage`) to the
+    end of the shown branch, in order, each the parent of the next; the last
+    becomes the end of the shown branch and is returned (None when there
+    were none).
 
     For the API, whose requests carry the turns a script adds (a user
-    question, or an exchange it had elsewhere) rather than one typed message.
+    question, a tool's result, or an exchange it had elsewhere) rather than
+    one typed message.
     """
     roles = set(Message.Role.values)
     parent_id = conversation.current_leaf_id
     last: Message | None = None
-    for role, content in messages:
-        if role not in roles:
-            raise ValueError(f"unknown role {role!r}")
+    for item in messages:
+        new = item if isinstance(item, NewMessage) else NewMessage(*item)
+        if new.role not in roles:
+            raise ValueError(f"unknown role {new.role!r}")
         last = Message.objects.create(
-            conversation=conversation, parent_id=parent_id, role=role, content=content
+            conversation=conversation,
+            parent_id=parent_id,
+            role=new.role,
+            content=new.content,
+            tool_calls=new.tool_calls,
+            tool_call_id=new.tool_call_id,
         )
         parent_id = last.pk
     if last is not None:
         _touch(conversation, current_leaf=last)
     return last
+
+
+def do_set_tool_calls(*, message: Message, calls: list[dict[str, str]]) -> None:
+    """Store the tool calls a reply made in place of the JSON it wrote for them."""
+    Message.objects.filter(pk=message.pk).update(tool_calls=calls, content="", html="", html_version=0)
+    message.tool_calls = calls
+    message.content = ""
 
 
 @transaction.atomic

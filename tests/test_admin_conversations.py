@@ -368,3 +368,63 @@ def test_it_refuses_a_message_change_the_services_refuse_beside_the_field(
     assert set(response.context["adminform"].form.errors) == {field}
     stored = Message.objects.get(pk=message.pk)
     assert (stored.content, stored.status) == (message.content, message.status)
+
+
+def _tool_conversation() -> tuple[Conversation, Message, Message]:
+    conversation, _ = make_conversation("Weather?", title="Tools")
+    services.do_add_messages(
+        conversation=conversation,
+        messages=[
+            services.NewMessage(
+                "assistant",
+                "",
+                tool_calls=[
+                    {"id": "call_w1", "name": "get_weather", "arguments": '{"city": "<b>Paris</b>"}'}
+                ],
+            ),
+            services.NewMessage("tool", "18 °C", tool_call_id="call_w1"),
+        ],
+    )
+    calls = Message.objects.get(role=Message.Role.ASSISTANT)
+    result = Message.objects.get(role=Message.Role.TOOL)
+    return conversation, calls, result
+
+
+def test_it_shows_tool_calls_and_results_read_only(operator_client: Client) -> None:
+    conversation, calls, result = _tool_conversation()
+
+    page = operator_client.get(
+        reverse("admin:chat_conversation_change", args=[conversation.pk])
+    ).content.decode()
+    table = page[page.index('<table class="chat-messages-tree"') :]
+    assert "called get_weather({&quot;city&quot;: &quot;&lt;b&gt;Paris&lt;/b&gt;&quot;}) [call_w1]" in table
+    assert "result of call call_w1" in table
+    assert "<b>Paris</b>" not in page
+
+    response = operator_client.get(reverse("admin:chat_message_change", args=[calls.pk]))
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "called get_weather({&quot;city&quot;: &quot;&lt;b&gt;Paris&lt;/b&gt;&quot;}) [call_w1]" in page
+    assert "tool_calls" not in response.context["adminform"].form.fields
+    page = operator_client.get(reverse("admin:chat_message_change", args=[result.pk])).content.decode()
+    assert "Tool call id" in page
+    assert "call_w1" in page
+
+    # An operator's correction of the text keeps the calls and the call id.
+    response = operator_client.post(
+        reverse("admin:chat_message_change", args=[result.pk]),
+        {"content": "19 °C", "status": "complete", "tool_call_id": "forged", "tool_calls": "[]"},
+    )
+    assert response.status_code == 302
+    result.refresh_from_db()
+    assert (result.content, result.tool_call_id) == ("19 °C", "call_w1")
+
+
+def test_it_filters_messages_by_the_tool_role(operator_client: Client) -> None:
+    _tool_conversation()
+    url = reverse("admin:chat_message_changelist")
+    page = operator_client.get(url).content.decode()
+    assert "?role__exact=tool" in page
+    page = operator_client.get(url, {"role__exact": "tool"}).content.decode()
+    assert "tool: 18 °C" in page
+    assert "Weather?" not in page

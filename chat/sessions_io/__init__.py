@@ -3,13 +3,26 @@
 Two formats (``docs/sessions-format.md`` describes both):
 
 * the original service's: a JSON object mapping a session id to the list of
-  its messages, each ``{"role": ..., "content": ...}``. Imported exactly as it
-  is, in order, as the shown branch; exported as each conversation's shown
-  branch (after its system prompt, if it has one).
+  its messages, each ``{"role": ..., "content": ...}`` with a role of
+  ``system``, ``user`` or ``assistant``. Imported exactly as it is, in order,
+  as the shown branch; exported as each conversation's shown branch (after
+  its system prompt, if it has one).
 * the full format, ``{"format": "chatsite.sessions", "version": 1,
   "conversations": [...]}``, which keeps titles, owners, models, times,
-  statuses and every branch: export, import into an empty database and export
-  again give the same bytes.
+  statuses, tool calls and every branch: export, import into an empty
+  database and export again give the same bytes.
+
+Tool calls and results (stored by the API): the full format keeps an
+assistant message's ``tool_calls`` (``[{"id", "name", "arguments"}]``) and a
+``tool`` message's ``tool_call_id``. The original format has no field for
+them and no ``tool`` role, so it gets them as the model reads them in its
+prompt (:func:`inference.tools.prompt_messages`): a call is the assistant's
+text followed by ``{"tool_calls": [...]}`` as JSON, a result a ``user``
+message holding ``{"tool_response": {...}}``. That keeps every turn in
+order and what a model would make of it, which dropping them (an empty
+reply, a question answered by nothing) or inventing a role the original
+service refuses would not; such a file imports back as plain user and
+assistant messages. An original-format import refuses the role ``tool``.
 
 Importing is all-or-nothing: :func:`parse_sessions` reads the JSON,
 :func:`validate_sessions` checks all of it and returns plans without touching
@@ -27,7 +40,8 @@ still write a key twice fails with :class:`SessionsExportError` instead of
 dropping a conversation.
 
 The package holds one module per job: :mod:`.formats` (constants, errors,
-plans), :mod:`.parsing`, :mod:`.validation`, :mod:`.importing` (the checks
+plans), :mod:`.parsing`, :mod:`.checking` (the field checks, each error
+naming its place), :mod:`.validation`, :mod:`.importing` (the checks
 against the database; the rows are written by
 :func:`chat.services.do_write_imported_conversations`) and :mod:`.exporting`.
 

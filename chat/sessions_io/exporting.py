@@ -1,4 +1,17 @@
-"""Writing conversations as a sessions file (either format)."""
+"""Writing conversations as a sessions file (either format).
+
+Tool calls and tool results: the full format keeps them as they are
+(``tool_calls`` on an assistant message that made calls, ``tool_call_id`` on
+a tool message). The original format knows only the roles system, user and
+assistant, so each is written as the model reads it in a prompt
+(:func:`inference.tools.prompt_messages`, as :mod:`chat.context` builds it):
+an assistant message that called tools holds its text, if any, then the JSON
+``{"tool_calls": [{"name", "arguments", "id"}]}``; a tool's result is a user
+message holding ``{"tool_response": {"id", "tool", "content"}}``. Nothing is
+dropped, and a model that continues the conversation from such a file sees
+the prompt it would have seen here; imported again, those are plain user
+and assistant messages (the format has no field for a call).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +25,10 @@ from typing import Any
 
 from django.db.models import QuerySet
 
-from chat.models import Conversation
+from chat.models import Conversation, Message
 from chat.selectors import MessageTree
 from chat.sessions_io.formats import FULL_FORMAT, FULL_VERSION, Format, SessionsExportError
+from inference.tools import ToolCall, Turn, prompt_messages
 
 
 def _time(moment: dt.datetime) -> str:
@@ -52,7 +66,7 @@ def export_data(conversations: QuerySet[Conversation] | None = None, *, format: 
                 else []
             )
             branch = MessageTree(conversation.messages.all()).shown_branch(conversation)
-            original[key] = head + [{"role": m.role, "content": m.content} for m in branch]
+            original[key] = head + _original_messages(branch)
         return original
     return {
         "format": FULL_FORMAT,
@@ -75,25 +89,54 @@ def _full_conversation(conversation: Conversation) -> dict[str, Any]:
         "created_at": _time(conversation.created_at),
         "updated_at": _time(conversation.updated_at),
         "current_leaf": str(conversation.current_leaf_id) if conversation.current_leaf_id else None,
-        "messages": [
-            {
-                "id": str(m.id),
-                "parent": str(m.parent_id) if m.parent_id else None,
-                "role": m.role,
-                "content": m.content,
-                "status": m.status,
-                "model": m.model_name,
-                "finish_reason": m.finish_reason,
-                "error": m.error,
-                "prompt_tokens": m.prompt_tokens,
-                "completion_tokens": m.completion_tokens,
-                "time_to_first_token": m.time_to_first_token,
-                "tokens_per_second": m.tokens_per_second,
-                "created_at": _time(m.created_at),
-            }
-            for _, m in tree.in_tree_order()
-        ],
+        "messages": [_full_message(m) for _, m in tree.in_tree_order()],
     }
+
+
+def _full_message(message: Message) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "id": str(message.id),
+        "parent": str(message.parent_id) if message.parent_id else None,
+        "role": message.role,
+        "content": message.content,
+    }
+    # Only where they apply, so that a conversation without tools is written
+    # as before they existed.
+    calls = _calls(message)
+    if message.role == Message.Role.ASSISTANT and calls:
+        fields["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]
+    if message.role == Message.Role.TOOL:
+        fields["tool_call_id"] = message.tool_call_id
+    fields.update(
+        {
+            "status": message.status,
+            "model": message.model_name,
+            "finish_reason": message.finish_reason,
+            "error": message.error,
+            "prompt_tokens": message.prompt_tokens,
+            "completion_tokens": message.completion_tokens,
+            "time_to_first_token": message.time_to_first_token,
+            "tokens_per_second": message.tokens_per_second,
+            "created_at": _time(message.created_at),
+        }
+    )
+    return fields
+
+
+def _calls(message: Message) -> list[ToolCall]:
+    """The message's calls, each field a string (read as :mod:`chat.context` reads them)."""
+    calls = message.tool_calls if isinstance(message.tool_calls, list) else []
+    return [
+        ToolCall(str(c.get("id", "")), str(c.get("name", "")), str(c.get("arguments", "")))
+        for c in calls
+        if isinstance(c, dict)
+    ]
+
+
+def _original_messages(branch: list[Message]) -> list[dict[str, str]]:
+    """A shown branch as role and content only (see the module docstring)."""
+    turns = [Turn(m.role, m.content, calls=tuple(_calls(m)), call_id=m.tool_call_id) for m in branch]
+    return [{"role": chat.role, "content": chat.content} for chat in prompt_messages(turns)]
 
 
 def dumps(data: Any) -> str:

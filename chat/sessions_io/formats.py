@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,6 +19,8 @@ Format = Literal["full", "original"]
 FORMATS: tuple[Format, ...] = ("full", "original")
 
 ROLES = tuple(Message.Role.values)
+# The original service's roles: it knows nothing of tools.
+ORIGINAL_ROLES = (Message.Role.SYSTEM.value, Message.Role.USER.value, Message.Role.ASSISTANT.value)
 STATUSES = tuple(Message.Status.values)
 # The longest text each field holds (the database would refuse more).
 EXTERNAL_ID_MAX = Conversation._meta.get_field("external_id").max_length or 255
@@ -25,6 +28,12 @@ TITLE_MAX = Conversation._meta.get_field("title").max_length or 200
 MODEL_MAX = Conversation._meta.get_field("model_name").max_length or 100
 SESSION_OWNER_LENGTH = Conversation._meta.get_field("session_owner").max_length or 64
 FINISH_REASON_MAX = Message._meta.get_field("finish_reason").max_length or 16
+# An assistant message's tool calls, within OpenAI's own limits (which the
+# API keeps): 128 calls, ids of 128 characters, names of 1 to 64 letters,
+# digits, underscores and dashes.
+TOOL_CALLS_MAX = 128
+TOOL_CALL_ID_MAX = Message._meta.get_field("tool_call_id").max_length or 128
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,10 @@ class MessagePlan:
     completion_tokens: int | None = None
     time_to_first_token: float | None = None
     tokens_per_second: float | None = None
+    # An assistant's calls, each {"id", "name", "arguments"}; a tool
+    # message's call id.
+    tool_calls: list[dict[str, str]] = field(default_factory=list)
+    tool_call_id: str = ""
 
 
 @dataclass

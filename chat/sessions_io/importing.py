@@ -224,6 +224,8 @@ def _write(
                 parent_id=m.parent_id,
                 role=m.role,
                 content=m.content,
+                tool_calls=m.tool_calls,
+                tool_call_id=m.tool_call_id,
                 status=m.status,
                 model_name=m.model_name,
                 finish_reason=m.finish_reason,

@@ -10,25 +10,29 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import math
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from django.utils import timezone
 
 from chat.models import Message
+from chat.sessions_io.checking import Checker, type_name
 from chat.sessions_io.formats import (
     EXTERNAL_ID_MAX,
     FINISH_REASON_MAX,
     FULL_FORMAT,
     FULL_VERSION,
     MODEL_MAX,
+    ORIGINAL_ROLES,
     ROLES,
     SESSION_OWNER_LENGTH,
     STATUSES,
     TITLE_MAX,
+    TOOL_CALL_ID_MAX,
+    TOOL_CALLS_MAX,
+    TOOL_NAME,
     ConversationPlan,
     Format,
     ImportLimits,
@@ -40,137 +44,6 @@ from chat.sessions_io.formats import (
 DERIVED_TITLE_LENGTH = 80
 # The setting that bounds a message's text in an import.
 _TEXT_SETTING = "chat.import_max_message_chars"
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
-
-
-class _Checker:
-    """Checks fields of one place in the file; errors are prefixed with it."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def fail(self, problem: str) -> SessionsFileError:
-        return SessionsFileError(f"{self.where}: {problem}")
-
-    def object(
-        self, value: Any, what: str, allowed: Iterable[str], required: Iterable[str]
-    ) -> Mapping[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(f"must be {what}, not {_type_name(value)}")
-        for key in value:
-            if not isinstance(key, str):
-                raise self.fail(f"has a key that is not a string: {key!r}")
-        duplicates = getattr(value, "duplicate_keys", [])
-        if duplicates:
-            raise self.fail(f'has the key "{duplicates[0]}" twice')
-        unknown = sorted(set(value) - set(allowed))
-        if unknown:
-            raise self.fail(
-                f"has unknown key(s): {', '.join(json.dumps(k, ensure_ascii=False) for k in unknown)}"
-            )
-        missing = [key for key in required if key not in value]
-        if missing:
-            raise self.fail(f'"{missing[0]}" is missing')
-        return value
-
-    def text(
-        self,
-        value: Any,
-        name: str,
-        *,
-        max_length: int | None = None,
-        empty: bool = True,
-        setting: str | None = None,
-    ) -> str:
-        """A string; ``setting`` names the limit ``max_length`` comes from."""
-        if not isinstance(value, str):
-            raise self.fail(f"{name} must be a string, not {_type_name(value)}")
-        if not empty and not value:
-            raise self.fail(f"{name} must not be empty")
-        if max_length is not None and len(value) > max_length:
-            limit = f" ({setting})" if setting else ""
-            raise self.fail(f"{name} is longer than {max_length} characters{limit}")
-        if "\x00" in value:
-            # PostgreSQL cannot store it; refusing it everywhere keeps files portable.
-            raise self.fail(f"{name} contains a NUL character (\\u0000)")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise self.fail(
-                f"{name} contains an unpaired surrogate (\\u{ord(value[exc.start]):04x}), which is not text"
-            ) from None
-        return value
-
-    def optional_text(self, value: Any, name: str, *, max_length: int | None = None) -> str | None:
-        return None if value is None else self.text(value, name, max_length=max_length)
-
-    def choice(self, value: Any, name: str, choices: Sequence[str]) -> str:
-        text = self.text(value, name)
-        if text not in choices:
-            raise self.fail(
-                f"unknown {name} {json.dumps(text, ensure_ascii=False)} (expected {', '.join(choices)})"
-            )
-        return text
-
-    def uuid(self, value: Any, name: str) -> uuid.UUID:
-        text = self.text(value, name)
-        try:
-            return uuid.UUID(text)
-        except ValueError:
-            raise self.fail(f"{name} must be a UUID, not {json.dumps(text, ensure_ascii=False)}") from None
-
-    def count(self, value: Any, name: str) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self.fail(f"{name} must be a whole number of at least 0 or null")
-        if value >= 2**31:
-            raise self.fail(f"{name} is too large")
-        return int(value)
-
-    def measure(self, value: Any, name: str) -> float | None:
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(f"{name} must be a number of at least 0 or null")
-        try:
-            number = float(value)
-        except OverflowError:  # an integer too large for a float
-            raise self.fail(f"{name} is too large") from None
-        if not math.isfinite(number) or number < 0:
-            raise self.fail(f"{name} must be a number of at least 0 or null")
-        return number
-
-    def time(self, value: Any, name: str) -> dt.datetime:
-        text = self.text(value, name)
-        try:
-            moment = dt.datetime.fromisoformat(text)
-        except (ValueError, OverflowError):
-            raise self.fail(f"{name} must be an ISO 8601 date and time, not {json.dumps(text)}") from None
-        if moment.tzinfo is None:
-            raise self.fail(f"{name} must say its time zone (for example 2025-01-31T12:00:00Z)")
-        try:
-            return moment.astimezone(dt.UTC)
-        except (ValueError, OverflowError):
-            # 0001-01-01T00:00:00+05:00 is a time of the year 0 in UTC.
-            raise self.fail(
-                f"{name} {json.dumps(text)} is out of range: in UTC it falls outside the years 1 to 9999"
-            ) from None
 
 
 _session_label = session_label
@@ -263,14 +136,14 @@ def _derived_title(messages: Sequence[MessagePlan]) -> str:
 def _validate_original(
     data: Any, *, model_name: str, now: dt.datetime, max_chars: int
 ) -> list[ConversationPlan]:
-    top = _Checker("the file")
+    top = Checker("the file")
     duplicates = getattr(data, "duplicate_keys", [])
     if duplicates:
         raise top.fail(f"has {_session_label(duplicates[0])} twice")
     if not isinstance(data, dict):
         raise top.fail(
             "must be a JSON object mapping session ids to lists of messages "
-            f'(or a full export with "format": "{FULL_FORMAT}"), not {_type_name(data)}'
+            f'(or a full export with "format": "{FULL_FORMAT}"), not {type_name(data)}'
         )
     tick = 0
 
@@ -281,14 +154,14 @@ def _validate_original(
 
     plans = []
     for session_id, messages in data.items():
-        session = _Checker(_session_label(str(session_id)))
+        session = Checker(_session_label(str(session_id)))
         session.text(session_id, "its id", max_length=EXTERNAL_ID_MAX, empty=False)
         if not isinstance(messages, list):
-            raise session.fail(f"must be a list of messages, not {_type_name(messages)}")
+            raise session.fail(f"must be a list of messages, not {type_name(messages)}")
         created_at = next_time()
         message_plans: list[MessagePlan] = []
         for index, raw in enumerate(messages):
-            where = _Checker(f"{session.where}, message index {index}")
+            where = Checker(f"{session.where}, message index {index}")
             item = where.object(
                 raw, 'an object with "role" and "content"', ("role", "content"), ("role", "content")
             )
@@ -296,7 +169,7 @@ def _validate_original(
                 MessagePlan(
                     id=uuid.uuid4(),
                     parent_id=message_plans[-1].id if message_plans else None,
-                    role=where.choice(item["role"], "role", ROLES),
+                    role=where.choice(item["role"], "role", ORIGINAL_ROLES),
                     content=where.text(
                         item["content"], "content", max_length=max_chars, setting=_TEXT_SETTING
                     ),
@@ -333,6 +206,8 @@ _CONVERSATION_KEYS = (
     "current_leaf",
     "messages",
 )
+# The keys of one tool call, all required.
+_CALL_KEYS = ("id", "name", "arguments")
 # What chat.owners.session_owner_token gives.
 _SESSION_OWNER_TOKEN = re.compile(f"[0-9a-f]{{{SESSION_OWNER_LENGTH}}}")
 _MESSAGE_KEYS = (
@@ -340,6 +215,8 @@ _MESSAGE_KEYS = (
     "parent",
     "role",
     "content",
+    "tool_calls",
+    "tool_call_id",
     "status",
     "model",
     "finish_reason",
@@ -355,7 +232,7 @@ _MESSAGE_KEYS = (
 def _validate_full(
     data: Any, *, default_model: str, now: dt.datetime, max_chars: int
 ) -> list[ConversationPlan]:
-    top = _Checker("the file")
+    top = Checker("the file")
     document = top.object(
         data,
         f'a full export ({{"format": "{FULL_FORMAT}", ...}})',
@@ -369,7 +246,7 @@ def _validate_full(
         raise top.fail(f"version {json.dumps(version)} is not supported (this chatsite reads {FULL_VERSION})")
     conversations = document["conversations"]
     if not isinstance(conversations, list):
-        raise top.fail(f'"conversations" must be a list, not {_type_name(conversations)}')
+        raise top.fail(f'"conversations" must be a list, not {type_name(conversations)}')
 
     plans: list[ConversationPlan] = []
     seen_conversations: dict[uuid.UUID, int] = {}
@@ -404,14 +281,14 @@ def _validate_full(
 def _validate_full_conversation(
     raw: Any, index: int, *, default_model: str, now: dt.datetime, max_chars: int
 ) -> ConversationPlan:
-    where = _Checker(f"conversation index {index}")
+    where = Checker(f"conversation index {index}")
     item = where.object(raw, "an object", _CONVERSATION_KEYS, ("id", "messages"))
     conversation_id = where.uuid(item["id"], '"id"')
     external_id = where.optional_text(item.get("session_id"), '"session_id"', max_length=EXTERNAL_ID_MAX)
     if external_id == "":
         raise where.fail('"session_id" must not be empty (use null)')
     # From here on, errors name the session as the original format does.
-    where = _Checker(_session_label(external_id or str(conversation_id)))
+    where = Checker(_session_label(external_id or str(conversation_id)))
     owner = where.optional_text(item.get("owner"), '"owner"')
     session_owner = where.text(item.get("session_owner", ""), '"session_owner"')
     if session_owner and not _SESSION_OWNER_TOKEN.fullmatch(session_owner):
@@ -425,7 +302,7 @@ def _validate_full_conversation(
     updated_at = where.time(item["updated_at"], '"updated_at"') if "updated_at" in item else created_at
     messages = item["messages"]
     if not isinstance(messages, list):
-        raise where.fail(f'"messages" must be a list, not {_type_name(messages)}')
+        raise where.fail(f'"messages" must be a list, not {type_name(messages)}')
 
     message_plans: list[MessagePlan] = []
     positions: dict[uuid.UUID, int] = {}
@@ -434,7 +311,7 @@ def _validate_full_conversation(
         plan = _validate_full_message(
             raw_message, f"{where.where}, message index {position}", created_at, max_chars
         )
-        at = _Checker(f"{where.where}, message index {position}")
+        at = Checker(f"{where.where}, message index {position}")
         if plan.id in positions:
             raise at.fail(f"id {plan.id} is also the id of message index {positions[plan.id]}")
         if plan.parent_id is not None and plan.parent_id not in positions:
@@ -480,18 +357,21 @@ def _ids_if_valid(messages: list[Any]) -> set[uuid.UUID]:
 def _validate_full_message(
     raw: Any, where_text: str, default_time: dt.datetime, max_chars: int
 ) -> MessagePlan:
-    where = _Checker(where_text)
+    where = Checker(where_text)
     item = where.object(raw, "an object", _MESSAGE_KEYS, ("id", "role", "content"))
     parent = item.get("parent")
     status = where.choice(item.get("status", Message.Status.COMPLETE), '"status"', STATUSES)
     if status == Message.Status.STREAMING:
         # Nobody is writing it any more: as at start-up, it was interrupted.
         status = Message.Status.INTERRUPTED
+    role = where.choice(item["role"], "role", ROLES)
     return MessagePlan(
         id=where.uuid(item["id"], '"id"'),
         parent_id=None if parent is None else where.uuid(parent, '"parent"'),
-        role=where.choice(item["role"], "role", ROLES),
+        role=role,
         content=where.text(item["content"], "content", max_length=max_chars, setting=_TEXT_SETTING),
+        tool_calls=_tool_calls(where, item, role, max_chars),
+        tool_call_id=_tool_call_id(where, item, role),
         status=status,
         model_name=where.text(item.get("model", ""), '"model"', max_length=MODEL_MAX),
         finish_reason=where.text(
@@ -504,3 +384,49 @@ def _validate_full_message(
         tokens_per_second=where.measure(item.get("tokens_per_second"), '"tokens_per_second"'),
         created_at=where.time(item["created_at"], '"created_at"') if "created_at" in item else default_time,
     )
+
+
+def _tool_calls(where: Checker, item: Mapping[str, Any], role: str, max_chars: int) -> list[dict[str, str]]:
+    """An assistant message's ``tool_calls``: a list of at most
+    :data:`TOOL_CALLS_MAX` objects ``{"id", "name", "arguments"}``, all
+    strings (``arguments`` is the JSON text the model wrote, kept as text)."""
+    if "tool_calls" not in item:
+        return []
+    if role != Message.Role.ASSISTANT:
+        raise where.fail(f'"tool_calls" belong to assistant messages only (this one\'s role is "{role}")')
+    calls = item["tool_calls"]
+    if not isinstance(calls, list):
+        raise where.fail(f'"tool_calls" must be a list, not {type_name(calls)}')
+    if len(calls) > TOOL_CALLS_MAX:
+        raise where.fail(f'"tool_calls" has {len(calls)} calls; a message holds at most {TOOL_CALLS_MAX}')
+    checked = []
+    for index, raw in enumerate(calls):
+        at = Checker(f"{where.where}, tool call index {index}")
+        call = at.object(raw, 'an object with "id", "name" and "arguments"', _CALL_KEYS, _CALL_KEYS)
+        name = at.text(call["name"], '"name"')
+        if not TOOL_NAME.fullmatch(name):
+            raise at.fail(
+                '"name" must be 1 to 64 letters, digits, underscores or dashes, '
+                f"not {json.dumps(name[:80], ensure_ascii=False)}"
+            )
+        checked.append(
+            {
+                "id": at.text(call["id"], '"id"', max_length=TOOL_CALL_ID_MAX, empty=False),
+                "name": name,
+                "arguments": at.text(
+                    call["arguments"], '"arguments"', max_length=max_chars, setting=_TEXT_SETTING
+                ),
+            }
+        )
+    return checked
+
+
+def _tool_call_id(where: Checker, item: Mapping[str, Any], role: str) -> str:
+    """A tool message's ``tool_call_id`` (required), the id of the call it answers."""
+    if role != Message.Role.TOOL:
+        if "tool_call_id" in item:
+            raise where.fail(f'"tool_call_id" belongs to tool messages only (this one\'s role is "{role}")')
+        return ""
+    if "tool_call_id" not in item:
+        raise where.fail('a tool message needs "tool_call_id", the id of the call it answers')
+    return where.text(item["tool_call_id"], '"tool_call_id"', max_length=TOOL_CALL_ID_MAX, empty=False)
