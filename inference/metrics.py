@@ -48,6 +48,8 @@ TOKEN_COUNT_BUCKETS = (
 )  # fmt: skip
 
 BATCH_SIZE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# Inputs of one embeddings request: 1 to 2,048.
+EMBEDDING_INPUTS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1_024, 2_048)
 
 OUTCOMES = ("stop", "length", "cancelled", "error", "rejected")
 ERROR_KINDS = ("context_length", "busy", "rate_limited", "invalid_request", "engine")
@@ -152,6 +154,18 @@ model_loaded = Gauge(
     multiprocess_mode="livemax",
 )
 
+embedding_request_inputs = Histogram(
+    "chatsite_embedding_request_inputs",
+    "Inputs of each embeddings request served (its count is the requests served).",
+    ["model"],
+    buckets=EMBEDDING_INPUTS_BUCKETS,
+)
+embedding_tokens = Counter(
+    "chatsite_embedding_tokens",
+    "Input tokens evaluated by the embeddings contexts.",
+    ["model"],
+)
+
 
 def record_finished(
     *,
@@ -188,6 +202,12 @@ def record_refused(*, model: str, transport: Transport, kind: str) -> None:
     """
     requests.labels(model, transport, "error" if kind == "engine" else "rejected").inc()
     errors.labels(model, kind).inc()
+
+
+def record_embeddings(*, model: str, inputs: int, tokens: int) -> None:
+    """Count an embeddings request whose inputs were all evaluated."""
+    embedding_request_inputs.labels(model).observe(inputs)
+    embedding_tokens.labels(model).inc(tokens)
 
 
 def record_model_loaded(*, model: str, gpu_offload: bool, loaded: bool) -> None:

