@@ -21,9 +21,11 @@ from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import IntegrityError, transaction
 
-from api.selectors import access_api_conversation
+from api.selectors import access_api_conversation, api_shown_branch
 from chat import services
 from chat.models import Conversation, Message
+from chat.replies import ReplyEnded
+from inference.tools import ToolCall, Turn
 from inference.types import InvalidRequest
 
 
@@ -40,22 +42,22 @@ def open_conversation(*, user: AbstractBaseUser, session_id: str, model: str) ->
         return access_api_conversation(user=user, session_id=session_id)
 
 
-def add_turns(
-    *, conversation: Conversation, messages: Sequence[tuple[str, str]], param: str = "messages"
-) -> Message:
-    """Store the request's messages; returns the user message to answer.
-    Raises :class:`~inference.types.InvalidRequest` about ``param`` (and
-    stores nothing) for turns it refuses."""
-    system = [content for role, content in messages if role == "system"]
-    turns = [(role, content) for role, content in messages if role != "system"]
-    if not turns or turns[-1][0] != "user":
+def add_turns(*, conversation: Conversation, turns: Sequence[Turn], param: str = "messages") -> Message:
+    """Store the request's turns; returns the message to answer (the user's
+    question, or a tool's result). Raises
+    :class:`~inference.types.InvalidRequest` about ``param`` (and stores
+    nothing) for turns it refuses."""
+    system = [turn.content for turn in turns if turn.role == "system"]
+    kept = [(index, turn) for index, turn in enumerate(turns) if turn.role != "system"]
+    if not kept or kept[-1][1].role not in ("user", "tool"):
         raise InvalidRequest(
-            "With a session_id, the last message must be the user's (the question to answer); earlier "
-            "turns are stored by the server.",
+            "With a session_id, the last message must be the user's (the question to answer) or a "
+            "tool's result; earlier turns are stored by the server.",
             param=param,
         )
-    if any(not content.strip() for role, content in turns if role == "user"):
+    if any(not turn.content.strip() for _, turn in kept if turn.role == "user"):
         raise InvalidRequest("A user message needs some text.", param=param)
+    _check_call_ids(conversation, kept, param)
     prompt = "\n\n".join(system)
     if len(prompt) > settings.CHATSITE_MAX_SYSTEM_PROMPT_CHARS:
         raise InvalidRequest(
@@ -71,18 +73,57 @@ def add_turns(
             temperature=conversation.temperature,
             max_tokens=conversation.max_tokens,
         )
-    question = services.do_add_messages(conversation=conversation, messages=turns)
+    question = services.do_add_messages(
+        conversation=conversation,
+        messages=[
+            services.NewMessage(
+                turn.role,
+                turn.content,
+                tool_calls=[{"id": c.id, "name": c.name, "arguments": c.arguments} for c in turn.calls],
+                tool_call_id=turn.call_id,
+            )
+            for _, turn in kept
+        ],
+    )
     assert question is not None
     return question
 
 
+def _check_call_ids(conversation: Conversation, kept: Sequence[tuple[int, Turn]], param: str) -> None:
+    """Each tool result answers a call made before it: in the request, or in
+    the conversation's shown branch."""
+    made = {
+        call["id"]
+        for message in api_shown_branch(conversation)
+        for call in message.tool_calls
+        if isinstance(call, dict) and "id" in call
+    }
+    for index, turn in kept:
+        made.update(call.id for call in turn.calls)
+        if turn.role == "tool" and turn.call_id not in made:
+            raise InvalidRequest(
+                f"No assistant message before this one made a call with id {turn.call_id!r}.",
+                param=f"{param}.{index}.tool_call_id",
+            )
+
+
+def store_calls(ended: ReplyEnded, calls: Sequence[ToolCall]) -> None:
+    """Keep the tool calls a stored reply made: its content was their JSON
+    as the model wrote it; the message now holds the calls instead."""
+    if ended.reply is None:
+        return
+    services.do_set_tool_calls(
+        message=ended.reply, calls=[{"id": c.id, "name": c.name, "arguments": c.arguments} for c in calls]
+    )
+
+
 @transaction.atomic
 def open_turn(
-    *, user: AbstractBaseUser, session_id: str, model: str, messages: Sequence[tuple[str, str]]
+    *, user: AbstractBaseUser, session_id: str, model: str, turns: Sequence[Turn]
 ) -> tuple[Conversation, Message]:
-    """The conversation and the question to answer; one transaction, so that
+    """The conversation and the message to answer; one transaction, so that
     turns it refuses leave nothing behind (not even a new conversation)."""
     conversation = open_conversation(user=user, session_id=session_id, model=model)
-    question = add_turns(conversation=conversation, messages=messages)
+    question = add_turns(conversation=conversation, turns=turns)
     conversation.refresh_from_db()
     return conversation, question

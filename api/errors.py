@@ -204,13 +204,22 @@ _UNION_MEMBER = re.compile(
 )
 
 
+# The tags of the Responses API's input items (api.schemas.InputItem).
+_UNION_TAGS = frozenset({"message", "function_call", "function_call_output"})
+
+
 def _param(location: Sequence[Any]) -> str | None:
     parts = [str(part) for part in location]
     # Ninja's locations start with where the value came from and the argument's name.
     if parts[:1] in (["body"], ["query"], ["path"]):
         parts = parts[2:] if parts[0] == "body" else parts[1:]
     kept = [
-        part for part in parts if (part.isidentifier() or part.isdigit()) and not _UNION_MEMBER.match(part)
+        part
+        for index, part in enumerate(parts)
+        if (part.isidentifier() or part.isdigit())
+        and not _UNION_MEMBER.match(part)
+        # The tag of a tagged union's member, after the item's index (input.0.message.role).
+        and not (part in _UNION_TAGS and index > 0 and parts[index - 1].isdigit())
     ]
     return ".".join(kept) or None
 
@@ -222,11 +231,20 @@ def _validation_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
     param = _param(first.get("loc", ()))
     # A union (a string or a list of strings) reports one error per member:
     # the member of the value's own type says what is wrong with it ("at most
-    # 16 items"), the others only that it is not of theirs.
-    same_field = [error for error in errors if _param(error.get("loc", ())) == param]
-    telling = [error for error in same_field if not str(error.get("type", "")).endswith("_type")]
+    # 16 items", or deeper: "input.0.content"), the others only that it is
+    # not of theirs.
+    telling = [error for error in errors if not str(error.get("type", "")).endswith("_type")]
     chosen = telling[0] if telling else first
+    param = _param(chosen.get("loc", ()))
     message = str(chosen.get("msg", "Invalid request"))
+    if chosen.get("type") == "extra_forbidden":
+        return ApiError(
+            400,
+            f"Unsupported field '{param}': this service does not implement it "
+            "(docs/api.md lists the fields each endpoint takes).",
+            param=param,
+            code="unsupported_parameter",
+        )
     if param is None and chosen.get("type") == "missing":
         return ApiError(400, "The request needs a JSON body.", code="missing_body")
     return ApiError(400, f"Invalid value for '{param}': {message}." if param else message, param=param)

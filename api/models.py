@@ -11,6 +11,7 @@ row; the hash is then compared in constant time.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 from django.conf import settings
 from django.db import models
@@ -50,3 +51,34 @@ class ApiKey(models.Model):
 
     def is_expired(self, now: dt.datetime | None = None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or timezone.now())
+
+
+class StoredResponse(models.Model):
+    """A response of the Responses API kept for its owner (``store``, the
+    default): the reply is a message of one of the owner's conversations,
+    and ``previous_response_id`` continues from it. ``request`` holds what
+    the response object echoes (instructions, tools, sampling, metadata);
+    ``first_input`` is the first message the request added (its input items
+    run from there to the reply's parent)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="stored_responses"
+    )
+    conversation = models.ForeignKey(
+        "chat.Conversation", on_delete=models.CASCADE, related_name="stored_responses"
+    )
+    reply = models.ForeignKey(
+        "chat.Message", null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    first_input = models.ForeignKey(
+        "chat.Message", null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    request = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"resp_{self.id.hex}"

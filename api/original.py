@@ -36,6 +36,7 @@ from chat import services
 from chat.models import Conversation
 from chat.replies import ReplyRun
 from inference import registry
+from inference.tools import Turn
 from inference.types import ChatMessage, ModelUnavailable
 
 api = NinjaAPI(
@@ -179,7 +180,7 @@ async def start_chat(caller: Caller, body: ChatBody) -> StartedReply:
         )
     else:
         conversation, question = await database_sync_to_async(open_turn)(
-            user=caller.user, session_id=body.session_id, model=model, messages=[("user", body.prompt)]
+            user=caller.user, session_id=body.session_id, model=model, turns=[Turn("user", body.prompt)]
         )
         run = ReplyRun(
             conversation=conversation,

@@ -14,7 +14,8 @@ a stream never starts with an error that deserved a status code
 too, as an ``error`` reply saying why (as the site stores it), and raised
 all the same.
 
-Iterating :meth:`StartedReply.pieces` gives the reply's text;
+Iterating :meth:`StartedReply.pieces` gives the reply's text
+(:meth:`StartedReply.deltas`: its pieces with their tokens' logprobs);
 :attr:`StartedReply.ended` then says how it ended. A client that goes away
 cancels the consuming task: the runner stops the generation within a token,
 keeps what was generated (as ``stopped`` in a conversation) and settles the
@@ -35,7 +36,7 @@ from inference.types import ModelUnavailable, SamplingParams
 
 class StartedReply:
     """A reply that passed every check that can refuse it; iterate
-    :meth:`pieces` (or :meth:`text`) once."""
+    :meth:`pieces`, :meth:`deltas` or :meth:`text`, once."""
 
     def __init__(self, events: AsyncGenerator[ReplyEvent, None], first: ReplyText | ReplyEnded) -> None:
         self._events = events
@@ -45,7 +46,8 @@ class StartedReply:
 
     @property
     def ended(self) -> ReplyEnded:
-        """How the reply ended; set once :meth:`pieces` has given every piece."""
+        """How the reply ended; set once :meth:`pieces` (or :meth:`deltas`)
+        has given every piece."""
         if self._ended is None:
             raise RuntimeError("the reply has not ended yet")
         return self._ended
@@ -54,6 +56,19 @@ class StartedReply:
         """The text pieces, in order; :attr:`ended` is set when they stop.
         Leaving early (the client went away) closes the run, which stops the
         generation."""
+        deltas = self.deltas()
+        try:
+            async for delta in deltas:
+                yield delta.text
+        finally:
+            # Closed now, not when collected: closing it is what stops the run.
+            await deltas.aclose()
+
+    async def deltas(self) -> AsyncGenerator[ReplyText, None]:
+        """The pieces as :meth:`pieces` gives them, each with the logprobs of
+        the tokens whose text it completes (:attr:`ReplyText.logprobs`: empty
+        unless the request asked for them; see :mod:`api.logprobs` for
+        OpenAI's shapes)."""
         if self._consumed:
             raise RuntimeError("a reply is iterated once")
         self._consumed = True
@@ -61,7 +76,7 @@ class StartedReply:
         try:
             while not isinstance(event, ReplyEnded):
                 if isinstance(event, ReplyText):
-                    yield event.text
+                    yield event
                 event = await anext(self._events)
             self._ended = event
         finally:
@@ -117,6 +132,7 @@ def sampling_params(
     stop: str | list[str] | None = None,
     seed: int | None = None,
     grammar: str | None = None,
+    logprobs: int | None = None,
 ) -> SamplingParams:
     """The engine's settings from a request's; unset ones keep their defaults.
     Raises :class:`~inference.types.InvalidRequest` naming a bad one."""
@@ -132,6 +148,9 @@ def sampling_params(
         # OpenAI takes any 64-bit seed; llama.cpp's is 32 bits.
         "seed": seed % 2**32 if seed is not None else None,
         "grammar": grammar,
+        # None: no logprobs; N: each token's with N alternatives (chat
+        # completions: top_logprobs when logprobs is true, else 0).
+        "logprobs": logprobs,
     }
     if stop is not None:
         values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
 
 from channels.db import database_sync_to_async
@@ -21,18 +21,20 @@ from ninja import NinjaAPI, Query, Schema
 from ninja.openapi.schema import OpenAPISchema
 from ninja.renderers import JSONRenderer
 
-from api import openai, schemas
+from api import embeddings, openai, responses, schemas
 from api.auth import ApiKeyAuth, Caller
-from api.conversations import open_turn
+from api.conversations import open_turn, store_calls
 from api.errors import ApiError, api_error_from, install_handlers, openai_error_response, reply_error
+from api.logprobs import chat_logprobs, text_logprobs, text_offset_after
 from api.replies import StartedReply, check_model, sampling_params, start_reply
 from api.selectors import access_api_conversation, api_conversations, api_shown_branch
 from api.sessions import delete_conversation, export_conversation, read_import, write_import
 from api.sse import DONE, event_stream, json_event
+from api.turns import chat_turns, tool_use
 from chat.models import Conversation
 from chat.replies import ReplyRun
 from inference import registry
-from inference.types import ChatMessage, InvalidRequest
+from inference.types import InvalidRequest, TokenLogprob
 
 ERRORS = frozenset({400, 401, 404, 413, 429, 500, 503})
 STARTED = int(time.time())
@@ -69,6 +71,8 @@ api = _OpenAiApi(
     docs_url="/docs",
 )
 install_handlers(api, openai_error_response)
+api.add_router("", embeddings.router)
+api.add_router("", responses.router)
 
 
 def _caller(request: HttpRequest) -> Caller:
@@ -98,18 +102,44 @@ async def _grammar(body: schemas.ChatCompletionRequest) -> str | None:
     return None
 
 
-async def _whole(reply: StartedReply) -> str:
-    """The reply's text, once it completed; raises why it did not."""
-    text = await reply.text()
+async def _whole(reply: StartedReply) -> tuple[str, list[TokenLogprob]]:
+    """The reply's text and its tokens' logprobs (when asked), once it
+    completed; raises why it did not."""
+    pieces = [piece async for piece in reply.deltas()]
     error = reply_error(reply.ended)
     if error is not None:
         raise error
-    return text
+    return "".join(p.text for p in pieces), [item for p in pieces for item in p.logprobs]
 
 
-async def _stream(reply: StartedReply, chunks: openai.ChunkStream) -> AsyncIterator[bytes]:
+class _Logprobs:
+    """Each piece's logprobs in OpenAI's shape of the endpoint: chat's, or
+    text completions' (whose offsets run on from ``offset``, the echoed
+    prompt's length)."""
+
+    def __init__(self, *, chat: bool, offset: int = 0) -> None:
+        self.chat = chat
+        self.offset = offset
+
+    def of(self, items: Sequence[TokenLogprob]) -> dict[str, Any]:
+        if self.chat:
+            return chat_logprobs(items)
+        shaped = text_logprobs(items, self.offset)
+        self.offset = text_offset_after(items, self.offset)
+        return shaped
+
+
+async def _stream(
+    reply: StartedReply,
+    chunks: openai.ChunkStream,
+    *,
+    calls_to: Conversation | None = None,
+    logprobs: _Logprobs | None = None,
+) -> AsyncIterator[bytes]:
     """The reply as OpenAI's server-sent events: ``chunks``, then
-    ``[DONE]``; a reply that fails ends with the error object instead."""
+    ``[DONE]``; a reply that fails ends with the error object instead. The
+    tool calls a chat reply made are stored when it is in a conversation
+    (``calls_to``); each piece carries its ``logprobs`` when asked."""
 
     def event(chunk: openai.Chunk) -> bytes:
         return json_event(chunks.dump(chunk))
@@ -117,13 +147,19 @@ async def _stream(reply: StartedReply, chunks: openai.ChunkStream) -> AsyncItera
     try:
         for chunk in chunks.opening():
             yield event(chunk)
-        async for piece in reply.pieces():
-            yield event(chunks.chunk(piece))
+        async for piece in reply.deltas():
+            shaped = logprobs.of(piece.logprobs) if logprobs is not None else None
+            for chunk in chunks.pieces(piece.text, shaped):
+                yield event(chunk)
         error = reply_error(reply.ended)
         if error is not None:
             yield json_event(api_error_from(error).body())
             return
-        for chunk in chunks.closing(reply.ended):
+        closing = chunks.closing(reply.ended)
+        parser = getattr(chunks, "parser", None)
+        if calls_to is not None and parser is not None and parser.calls:
+            await database_sync_to_async(store_calls)(reply.ended, parser.calls)
+        for chunk in closing:
             yield event(chunk)
         yield DONE
     except Exception as exc:  # after the first byte, an error can only be an event
@@ -145,6 +181,24 @@ def _include_usage(body: schemas.SamplingFields) -> bool:
 async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionRequest) -> Any:
     caller = _caller(request)
     model = check_model(body.model)
+    turns = chat_turns(body.messages, stored=body.session_id is not None)
+    tools = await tool_use(body.tools, body.tool_choice, body.parallel_tool_calls)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
+    if body.logprobs and tools.active:
+        raise ApiError(
+            400,
+            "logprobs are not available with tools here: send tool_choice none, or no logprobs.",
+            param="logprobs",
+        )
+    if tools.grammar is not None and not isinstance(
+        body.response_format, (schemas.ResponseFormatText, type(None))
+    ):
+        raise ApiError(
+            400,
+            "A required tool call and response_format cannot both constrain the reply.",
+            param="response_format",
+        )
     params = sampling_params(
         max_tokens=body.max_completion_tokens or body.max_tokens,
         temperature=body.temperature,
@@ -156,13 +210,13 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
         frequency_penalty=body.frequency_penalty,
         stop=body.stop,
         seed=body.seed,
-        grammar=await _grammar(body),
+        grammar=tools.grammar or await _grammar(body),
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
-    turns = [("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
     conversation: Conversation | None = None
     if body.session_id is not None:
         conversation, question = await database_sync_to_async(open_turn)(
-            user=caller.user, session_id=body.session_id, model=model, messages=turns
+            user=caller.user, session_id=body.session_id, model=model, turns=turns
         )
         run = ReplyRun(
             conversation=conversation,
@@ -171,10 +225,11 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
             transport="api",
             model_name=model,
             limits=caller.limits,
+            tools=tools.prompt_tools(),
         )
     else:
         run = ReplyRun.stateless(
-            messages=[ChatMessage(role, content) for role, content in turns],
+            messages=tools.messages(turns),
             params=params,
             transport="api",
             model_name=model,
@@ -183,11 +238,24 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
     reply = await start_reply(run)
 
     head = openai.CompletionHead.new(prefix="chatcmpl", model=model)
+    parser = tools.parser()
     if body.stream:
-        return event_stream(_stream(reply, openai.ChatChunks(head, include_usage=_include_usage(body))))
-    text = await _whole(reply)
+        chunks = openai.ChatChunks(head, include_usage=_include_usage(body), parser=parser)
+        logprobs = _Logprobs(chat=True) if body.logprobs else None
+        return event_stream(_stream(reply, chunks, calls_to=conversation, logprobs=logprobs))
+    text, items = await _whole(reply)
+    content, calls = openai.read_calls(parser, text)
+    if calls and conversation is not None:
+        await database_sync_to_async(store_calls)(reply.ended, calls)
     session_id = conversation.session_id if conversation is not None else None
-    return openai.chat_completion(head, text=text, ended=reply.ended, session_id=session_id)
+    return openai.chat_completion(
+        head,
+        text=content,
+        calls=calls,
+        ended=reply.ended,
+        logprobs=chat_logprobs(items) if body.logprobs else None,
+        session_id=session_id,
+    )
 
 
 @api.post(
@@ -213,6 +281,7 @@ async def completions(request: HttpRequest, body: schemas.CompletionRequest) -> 
         frequency_penalty=body.frequency_penalty,
         stop=body.stop,
         seed=body.seed,
+        logprobs=body.logprobs,
     )
     run = ReplyRun.stateless(
         prompt=prompts[0], params=params, transport="api", model_name=model, limits=caller.limits
@@ -223,9 +292,11 @@ async def completions(request: HttpRequest, body: schemas.CompletionRequest) -> 
     echo = prompts[0] if body.echo else ""
     if body.stream:
         chunks = openai.TextChunks(head, include_usage=_include_usage(body), echo=echo)
-        return event_stream(_stream(reply, chunks))
-    text = await _whole(reply)
-    return openai.text_completion(head, text=echo + text, ended=reply.ended)
+        logprobs = _Logprobs(chat=False, offset=len(echo)) if body.logprobs is not None else None
+        return event_stream(_stream(reply, chunks, logprobs=logprobs))
+    text, items = await _whole(reply)
+    shaped = text_logprobs(items, len(echo)) if body.logprobs is not None else None
+    return openai.text_completion(head, text=echo + text, ended=reply.ended, logprobs=shaped)
 
 
 def _model(name: str) -> openai.ModelOut:
@@ -328,6 +399,16 @@ def _conversation_detail(caller: Caller, session_id: str) -> dict[str, Any]:
                 "content": m.content,
                 "status": m.status,
                 "created": int(m.created_at.timestamp()),
+                "tool_calls": [
+                    {
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {"name": c["name"], "arguments": c["arguments"]},
+                    }
+                    for c in m.tool_calls
+                ]
+                or None,
+                "tool_call_id": m.tool_call_id or None,
             }
             for m in api_shown_branch(conversation)
         ],

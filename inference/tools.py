@@ -213,7 +213,12 @@ class PromptTools:
 
 
 def calls_grammar(
-    tools: Sequence[Tool], *, name: str | None = None, parallel: bool = True, param: str = "tools"
+    tools: Sequence[Tool],
+    *,
+    name: str | None = None,
+    parallel: bool = True,
+    param: str = "tools",
+    function_param: str = "function",
 ) -> str:
     """The GBNF grammar of a reply that calls ``tools`` (only ``name`` when
     given): one call, or up to :data:`MAX_PARALLEL_CALLS` when ``parallel``."""
@@ -248,7 +253,34 @@ def calls_grammar(
     }
     if definitions:
         schema["$defs"] = definitions
-    return grammar_for_json_schema(schema, param=param)
+    try:
+        return grammar_for_json_schema(schema, param=param)
+    except InvalidRequest as exc:
+        raise InvalidRequest(
+            str(exc), param=_tool_param(exc.param, param, chosen, tools, function_param)
+        ) from None
+
+
+def _tool_param(
+    found: str | None, param: str, chosen: Sequence[Tool], tools: Sequence[Tool], function_param: str
+) -> str:
+    """The request's own path for a path in the combined schema: the
+    arguments of the n-th chosen tool are that tool's parameters."""
+    if not found:
+        return param
+    single = f"{param}.properties.tool_calls.items.properties.arguments"
+    many = re.match(
+        re.escape(f"{param}.properties.tool_calls.items.anyOf.") + r"(\d+)\.properties\.arguments", found
+    )
+    if many is not None:
+        index, rest = int(many.group(1)), found[many.end() :]
+    elif found.startswith(single):
+        index, rest = 0, found[len(single) :]
+    else:
+        return param
+    position = next(i for i, t in enumerate(tools) if t.name == chosen[index].name)
+    middle = f".{function_param}" if function_param else ""
+    return f"{param}.{position}{middle}.parameters{rest}"
 
 
 def _check_refs(schema: Any, param: str) -> None:

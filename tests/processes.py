@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -57,47 +58,50 @@ class ServerUrl(str):
 @contextmanager
 def daphne(env: Mapping[str, str]) -> Iterator[ServerUrl]:
     """A Daphne server of this project on a free loopback port; yields its
-    URL (a ``str`` with the ``process`` attached)."""
+    URL (a ``str`` with the ``process`` attached). Its output goes to a
+    temporary file, read back only when it fails to start: a pipe nobody
+    reads fills after about 64 KiB of log lines (one per refused request),
+    and the server then blocks in its logging."""
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daphne",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "chatsite.asgi:application",
-        ],
-        cwd=ROOT,
-        env=dict(env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = ServerUrl(f"http://127.0.0.1:{port}")
-    url.process = process
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                # /metrics, not /health: tests count the requests /health gets.
-                with urllib.request.urlopen(url + "/metrics", timeout=30):
-                    break
-            except OSError:  # refused while starting (URLError, ConnectionError, TimeoutError)
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"daphne did not start: {process.stderr.read() if process.stderr else ''}"
-                    ) from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "chatsite.asgi:application",
+            ],
+            cwd=ROOT,
+            env=dict(env),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            text=True,
+        )
+        url = ServerUrl(f"http://127.0.0.1:{port}")
+        url.process = process
         try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    # /metrics, not /health: tests count the requests /health gets.
+                    with urllib.request.urlopen(url + "/metrics", timeout=30):
+                        break
+                except OSError:  # refused while starting (URLError, ConnectionError, TimeoutError)
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        raise RuntimeError(f"daphne did not start: {log.read()[-4000:]}") from None
+                    time.sleep(0.2)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def get(url: str) -> str:

@@ -168,7 +168,8 @@ def test_it_follows_a_json_schema(api: LiveApi) -> None:
     ("body", "status", "param"),
     [
         ({"model": MODEL, "messages": HELLO, "n": 2}, 400, "n"),
-        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
+        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.tool_call_id"),
+        ({"model": MODEL, "messages": [{"role": "moderator", "content": "x"}]}, 400, "messages.0.role"),
         ({"model": MODEL, "messages": {}}, 400, "messages"),
         ({"model": MODEL, "messages": []}, 400, "messages"),
         ({"model": MODEL, "messages": HELLO, "max_tokens": -1}, 400, "max_tokens"),

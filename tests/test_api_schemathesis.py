@@ -32,7 +32,9 @@ from api import v1
 from tests.api_helpers import MODEL, LiveApi, live_api
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-GENERATING = ("/v1/chat/completions", "/v1/completions")
+GENERATING = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+# Each generating endpoint's token limit.
+LIMITS = {"/v1/responses": ("max_output_tokens",)}
 MAX_TOKENS = 4
 
 
@@ -110,17 +112,25 @@ def cheap(case: Any) -> None:
     """Point a generated completion at the bundled model and keep it short
     (only valid values are replaced, by valid ones: an invalid case stays so)."""
     body = case.body
+    if case.path == "/v1/embeddings" and isinstance(body, dict):
+        # Valid lists of inputs stay valid, and few (each input runs the model).
+        if isinstance(body.get("model"), str) and 0 < len(body["model"]) <= 100:
+            body["model"] = MODEL
+        if isinstance(body.get("input"), list) and len(body["input"]) > 2:
+            body["input"] = body["input"][:2]
+        return
     if case.path not in GENERATING or not isinstance(body, dict):
         return
     model = body.get("model")
     if isinstance(model, str) and 0 < len(model) <= 100:
         body["model"] = MODEL
-    for field in ("max_tokens", "max_completion_tokens"):
+    fields = LIMITS.get(case.path, ("max_tokens", "max_completion_tokens"))
+    for field in fields:
         value = body.get(field)
         # 14732.0 is an integer to the API too.
         if isinstance(value, int | float) and not isinstance(value, bool) and MAX_TOKENS < value <= 32_768:
             body[field] = MAX_TOKENS
-    body.setdefault("max_tokens", MAX_TOKENS)
+    body.setdefault(fields[0], MAX_TOKENS)
 
 
 @settings(max_examples=8, deadline=None, database=None, suppress_health_check=list(HealthCheck))
