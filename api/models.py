@@ -75,6 +75,8 @@ class StoredResponse(models.Model):
         "chat.Message", null=True, blank=True, on_delete=models.CASCADE, related_name="+"
     )
     request = models.JSONField(default=dict)
+    # Prompt tokens the cache served (the usage's cached_tokens), once it ended.
+    cached_tokens = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:

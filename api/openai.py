@@ -45,10 +45,16 @@ def _is_none(value: object) -> bool:
 # -- usage and errors -------------------------------------------------------------
 
 
+class PromptTokensDetails(Schema):
+    cached_tokens: int = 0
+
+
 class Usage(Schema):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # The prompt tokens whose state the cache kept (not evaluated again).
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
     @classmethod
     def of(cls, ended: ReplyEnded) -> Usage:
@@ -56,7 +62,13 @@ class Usage(Schema):
         finished = ended.finished
         prompt = finished.prompt_tokens if finished is not None else 0
         completion = finished.completion_tokens if finished is not None else 0
-        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        cached = finished.cached_tokens if finished is not None else 0
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
 
 
 class ErrorDetail(Schema):

@@ -363,9 +363,18 @@ async def create_response(request: HttpRequest, body: schemas.ResponseRequest) -
     if error is not None:
         raise error
     content, calls = openai.read_calls(tools.parser(), text)
-    if calls and opened is not None:
-        await database_sync_to_async(store_calls)(reply.ended, calls)
+    if opened is not None:
+        await _settle_stored(opened.stored.pk, reply.ended, calls)
     return _final(base, reply.ended, content, calls)
+
+
+async def _settle_stored(key: uuid.UUID, ended: ReplyEnded, calls: Sequence[ToolCall]) -> None:
+    """Keep what the stored reply made that its message does not say: its
+    calls, and how much of its prompt the cache served."""
+    if calls:
+        await database_sync_to_async(store_calls)(ended, calls)
+    cached = ended.finished.cached_tokens if ended.finished is not None else 0
+    await database_sync_to_async(StoredResponse.objects.filter(pk=key).update)(cached_tokens=cached)
 
 
 def _final(
@@ -376,7 +385,9 @@ def _final(
     status: openai.ResponseStatus = "incomplete" if length else "completed"
     items = openai.response_items(content, calls, item_id=base.id[5:], status=status)
     usage = openai.ResponseUsage.of(
-        finished.prompt_tokens if finished else 0, finished.completion_tokens if finished else 0
+        finished.prompt_tokens if finished else 0,
+        finished.completion_tokens if finished else 0,
+        finished.cached_tokens if finished else 0,
     )
     return base.model_copy(
         update={
@@ -426,8 +437,8 @@ async def _events(
             content = None if calls else "".join(pieces)
         else:
             content = "".join(pieces)
-        if calls and stored:
-            await database_sync_to_async(store_calls)(reply.ended, calls)
+        if stored:
+            await _settle_stored(uuid.UUID(hex=base.id[5:]), reply.ended, calls)
         for event in events.closing(_final(base, reply.ended, content, calls)):
             yield _sse(event)
     except Exception as exc:  # after the first byte, an error can only be an event
@@ -473,7 +484,9 @@ def _stored_object(stored: StoredResponse) -> ResponseObject:
             "status": status,
             "output": items,
             "output_text": openai.output_text(items),
-            "usage": openai.ResponseUsage.of(reply.prompt_tokens or 0, reply.completion_tokens or 0),
+            "usage": openai.ResponseUsage.of(
+                reply.prompt_tokens or 0, reply.completion_tokens or 0, stored.cached_tokens
+            ),
             "error": openai.ResponseError(code="server_error", message=reply.error or "The reply failed.")
             if status == "failed"
             else None,

@@ -199,6 +199,7 @@ class _Job:
     started_at: float | None = None
     first_token_at: float | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     # Its request in the scheduler (its slot and progress) while it has a
     # slot; unset when it ends, since the request refers back to the job.
     scheduled: ScheduledRequest[_Job] | None = None
@@ -558,6 +559,7 @@ class Engine:
         job.scheduled = admission.request
         if params.logprobs is not None:
             job.logprobs = LogprobsByText()
+        job.cached_tokens = admission.reused
         self._record_reuse(len(prompt), admission.reused, admission.source)
         self._record_kv_operations(admission.kv_operations)
 
@@ -785,6 +787,7 @@ class Engine:
             total_time=now - job.submitted_at,
             queue_time=started - job.submitted_at,
             error=error,
+            cached_tokens=job.cached_tokens,
         )
         metrics.record_finished(
             model=self.spec.name,

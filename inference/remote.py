@@ -289,6 +289,9 @@ class RemoteStream(QueuedStream):
         if isinstance(usage, dict):
             state.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             state.usage_completion = int(usage.get("completion_tokens") or 0)
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict):
+                state.cached_tokens = int(details.get("cached_tokens") or 0)
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
             text = delta.get("content") if "delta" in choice else choice.get("text")
@@ -317,6 +320,7 @@ class RemoteStream(QueuedStream):
             total_time=now - state.started_at,
             queue_time=0.0,
             error=error,
+            cached_tokens=state.cached_tokens,
         )
         metrics.record_finished(
             model=self._client.spec.name,
@@ -340,6 +344,7 @@ class _Progress:
         self.started_at = started_at
         self.first_token_at: float | None = None
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.completion_tokens = 0  # events with text: the count when no usage comes
         self.usage_completion = 0
         self.finish_reason: FinishReason | None = None

@@ -284,6 +284,9 @@ class Finished:
     total_time: float
     queue_time: float
     error: str | None = None
+    # Prompt tokens whose KV state was reused (a slot's cache or the RAM
+    # tier) rather than evaluated: OpenAI's usage "cached_tokens".
+    cached_tokens: int = 0
 
     @property
     def tokens_per_second(self) -> float | None:

@@ -27,6 +27,7 @@ import pytest
 import requests
 
 from tests.api_helpers import MODEL, LiveApi, live_api
+from tests.metrics_helpers import Scrape
 
 GREEDY: dict[str, Any] = {"model": MODEL, "temperature": 0, "seed": 5, "max_output_tokens": 24}
 WEATHER = {
@@ -129,11 +130,23 @@ def test_the_stream_sends_the_typed_events_in_order(api: LiveApi) -> None:
     assert stored["output_text"] == text
 
 
+def _reused(api: LiveApi) -> float:
+    """Prompt tokens the server's engine did not evaluate again (/metrics)."""
+    scrape = Scrape(requests.get(api.url + "/metrics", timeout=30).text)
+    return scrape.value("chatsite_prefix_cache_hits_total", model=MODEL)
+
+
 def test_a_previous_response_continues_without_resending_the_history(api: LiveApi) -> None:
     first = create(api, input="My name is Ada. Say hello.")
+    before = _reused(api)
     second = create(api, input="What is my name?", previous_response_id=first["id"])
-    # The second prompt holds the first turn and its reply.
+    # The second prompt holds the first turn and its reply...
     assert second["usage"]["input_tokens"] > first["usage"]["input_tokens"] + first["usage"]["output_tokens"]
+    # ... whose state the prompt cache kept: the first prompt is not evaluated again.
+    assert _reused(api) - before >= first["usage"]["input_tokens"]
+    cached = second["usage"]["input_tokens_details"]["cached_tokens"]
+    assert cached >= first["usage"]["input_tokens"]
+    assert call(api, "GET", f"/responses/{second['id']}").json()["usage"] == second["usage"]
     items = call(api, "GET", f"/responses/{second['id']}/input_items?order=asc").json()
     assert [i["type"] for i in items["data"]] == ["message"]
     assert items["data"][0]["content"][0]["text"] == "What is my name?"

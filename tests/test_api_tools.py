@@ -293,6 +293,9 @@ async def test_calls_and_results_are_stored_with_a_session_id() -> None:
     result = {"role": "tool", "tool_call_id": made["id"], "content": "Sunny, 21 C"}
     status, second = await complete(key, messages=[result], tools=[WEATHER], session_id="weather")
     assert status == 200, second
+    # The first turn's state served the second's prompt, up to the call
+    # (rendered from the stored call, not as the model spelled it).
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > first["usage"]["prompt_tokens"] // 2
 
     def stored() -> list[tuple[str, str, list[Any], str]]:
         return [
