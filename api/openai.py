@@ -648,6 +648,7 @@ class ResponseEvents:
         self.item_id = item_id
         self._sequence = 0
         self._message_index: int | None = None
+        self._message_output = 0
         self._text: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}  # call index -> item, and its output index
         self._outputs = 0
@@ -671,7 +672,7 @@ class ResponseEvents:
             return []
         events = []
         if self._message_index is None:
-            self._message_index = self._outputs
+            self._message_index = self._message_output = self._outputs
             self._outputs += 1
             item = OutputMessage(id=f"msg_{self.item_id}", status="in_progress", content=[])
             events.append(
@@ -782,9 +783,30 @@ class ResponseEvents:
             )
         return events
 
+    def streamed(self, status: str) -> list[OutputItem]:
+        """The items as they were streamed, in their output order."""
+        items: list[tuple[int, OutputItem]] = []
+        if self._text:
+            text = "".join(self._text)
+            message = OutputMessage(id=f"msg_{self.item_id}", status=status, content=[OutputText(text=text)])  # type: ignore[arg-type]
+            items.append((self._message_output, message))
+        for call in self._calls.values():
+            items.append(
+                (
+                    call["output_index"],
+                    call["item"].model_copy(update={"arguments": call["arguments"], "status": status}),
+                )
+            )
+        return [item for _, item in sorted(items, key=lambda pair: pair[0])]
+
     def closing(self, final: ResponseObject) -> list[dict[str, Any]]:
-        """The events that end the stream: the open items done, then the final response."""
+        """The events that end the stream: the open items done, then the
+        final response, whose output is what was streamed (a required call
+        cut by max_output_tokens stays the call it began as)."""
         done = "completed" if final.status == "completed" else "incomplete"
+        if self._text or self._calls:
+            items = self.streamed(done)
+            final = final.model_copy(update={"output": items, "output_text": output_text(items)})
         events = [*self._close_message(done), *self._close_calls(done)]
         kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
             final.status, "response.failed"

@@ -49,6 +49,7 @@ from api.replies import StartedReply, check_model, sampling_params, start_reply
 from api.sse import event_stream
 from api.turns import ToolUse, content_text, tool_use
 from chat import services
+from chat.context import PROMPT_STATUSES
 from chat.models import Conversation, Message
 from chat.replies import ReplyEnded, ReplyRun
 from chat.selectors import branch_ending_at
@@ -250,13 +251,27 @@ def _first_added(last: Message, *, after: uuid.UUID | None) -> Message:
     return message
 
 
+def _forget_refused(opened: _Opened, *, new: bool) -> None:
+    """A refused response is no response: its row goes, and so does the
+    conversation it started (a continuation keeps its input and the error
+    reply, as a refused turn with a session_id does)."""
+    with transaction.atomic():
+        opened.stored.delete()
+        if new:
+            services.do_delete_conversation(conversation=opened.conversation)
+
+
 def _previous(user: AbstractBaseUser, previous_id: str) -> tuple[StoredResponse, list[Turn]]:
     stored = _stored_of(user, previous_id)
     if stored is None or stored.reply is None:
         raise _not_found(previous_id, "previous_response_id")
     if stored.reply.status == Message.Status.STREAMING:
         raise _bad("The previous response is still in progress.", "previous_response_id")
-    history = [_message_turn(m) for m in branch_ending_at(stored.reply) if m.content or m.tool_calls]
+    history = [
+        _message_turn(m)
+        for m in branch_ending_at(stored.reply)
+        if m.status in PROMPT_STATUSES and (m.content or m.tool_calls)
+    ]
     return stored, history
 
 
@@ -330,9 +345,12 @@ async def create_response(request: HttpRequest, body: schemas.ResponseRequest) -
     else:
         if not any(t.role in ("user", "tool") for t in turns):
             raise _bad("input needs a user message or a function_call_output.", "input")
+        # The request's instructions open the prompt; the previous response's history follows.
+        system = [t for t in turns if t.role == "system"]
         prior = [t for t in history if t.role != "system"]
+        ordered = [*system, *prior, *(t for t in turns if t.role != "system")]
         run = ReplyRun.stateless(
-            messages=tools.messages([*prior, *turns]),
+            messages=await asyncio.to_thread(tools.messages, ordered),
             params=params,
             transport="api",
             model_name=model,
@@ -343,7 +361,7 @@ async def create_response(request: HttpRequest, body: schemas.ResponseRequest) -
         reply = await start_reply(run)
     except BaseException:
         if opened is not None:
-            await database_sync_to_async(StoredResponse.objects.filter(pk=opened.stored.pk).delete)()
+            await database_sync_to_async(_forget_refused)(opened, new=previous is None)
         raise
     if opened is not None and run.reply is not None:
         await database_sync_to_async(StoredResponse.objects.filter(pk=key).update)(reply=run.reply)
@@ -362,7 +380,7 @@ async def create_response(request: HttpRequest, body: schemas.ResponseRequest) -
     error = reply_error(reply.ended)
     if error is not None:
         raise error
-    content, calls = openai.read_calls(tools.parser(), text)
+    content, calls = await asyncio.to_thread(openai.read_calls, tools.parser(), text)
     if opened is not None:
         await _settle_stored(opened.stored.pk, reply.ended, calls)
     return _final(base, reply.ended, content, calls)
@@ -431,7 +449,7 @@ async def _events(
             return
         calls: list[ToolCall] = []
         if parser is not None:
-            for event in events.parsed(parser.close()):
+            for event in events.parsed(await asyncio.to_thread(parser.close)):
                 yield _sse(event)
             calls = parser.calls
             content = None if calls else "".join(pieces)
@@ -461,7 +479,9 @@ def _stored_object(stored: StoredResponse) -> ResponseObject:
         id=response_id(stored.pk),
         created_at=int(stored.created_at.timestamp()),
         status="in_progress",
-        model=stored.conversation.model_name,
+        model=(
+            reply.model_name if reply is not None and reply.model_name else stored.conversation.model_name
+        ),
         output=[],
         **echo,
     )

@@ -43,6 +43,30 @@ def _storable(value: str) -> str:
 # A string a client sends that may be stored or shown.
 Text = Annotated[str, AfterValidator(_storable)]
 
+
+def _storable_json(value: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object whose strings (keys included) are all :data:`Text`: it
+    may be stored (PostgreSQL's jsonb refuses NUL too). Walked without
+    recursion; the body's size bounds the work."""
+    stack: list[Any] = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            _storable(node)
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_storable_json)]
+# OpenAI's metadata: up to 16 pairs, keys of 64 characters, values of 512.
+Metadata = Annotated[
+    dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]], Field(max_length=16)
+]
+
 # Fields accepted and not used: clients send them as metadata, and their
 # meaning does not change a reply (docs/api.md has the table).
 METADATA = (
@@ -62,7 +86,7 @@ class Body(Schema):
     model_config = ConfigDict(extra="forbid")
 
 
-class ContentPart(Schema):
+class ContentPart(BaseModel):  # ninja's Schema would drop the extra fields
     """A part of a message's content. Only ``text`` parts are read; the
     views refuse the others (images, audio, files) by name, so the part
     takes whatever fields they have."""
@@ -89,7 +113,7 @@ class FunctionCallIn(Body):
 
 
 class ToolCallIn(Body):
-    id: str = Field(min_length=1, max_length=128)
+    id: Text = Field(min_length=1, max_length=128)
     type: Literal["function"] = "function"
     function: FunctionCallIn
 
@@ -103,7 +127,7 @@ class ChatMessageIn(Body):
     content: Content | None = None
     name: Text | None = Field(default=None, max_length=256)
     tool_calls: Annotated[list[ToolCallIn], Field(max_length=128)] | None = None
-    tool_call_id: str | None = Field(default=None, min_length=1, max_length=128)
+    tool_call_id: Text | None = Field(default=None, min_length=1, max_length=128)
     # An assistant's refusal, sent back in history; read as its text.
     refusal: Text | None = None
 
@@ -115,7 +139,7 @@ class StreamOptions(Body):
 class FunctionDefinition(Body):
     name: str = Field(min_length=1, max_length=64)
     description: Text | None = Field(default=None, max_length=4096)
-    parameters: dict[str, Any] | None = None
+    parameters: JsonObject | None = None
     # Calls that must follow the schema: those a grammar constrains always do;
     # an ``auto`` call is one only when its arguments validate (docs/api.md).
     strict: bool | None = None
@@ -144,7 +168,7 @@ class JsonSchemaFormat(BaseModel):
 
     name: str = Field(default="response", max_length=64)
     description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    schema_: JsonObject = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
@@ -190,7 +214,7 @@ class SamplingFields(Body):
     n: int = Field(default=1, ge=1, le=1, description="The number of choices: only 1 is supported.")
     # Metadata (METADATA): accepted, not used.
     user: str | None = Field(default=None, max_length=256)
-    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    metadata: Metadata | None = None
     store: bool | None = None
     service_tier: str | None = Field(default=None, max_length=32)
     prompt_cache_key: str | None = Field(default=None, max_length=256)
@@ -208,9 +232,10 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     # Predicted output only makes a reply faster where it is implemented:
     # metadata here (METADATA).
-    prediction: dict[str, Any] | None = None
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
-        default=None, description="Accepted for models that do not reason (all of this service's): unused."
+    prediction: JsonObject | None = None
+    reasoning_effort: Literal["none", "minimal"] | None = Field(
+        default=None,
+        description="The models here do not reason: none and minimal are accepted, unused; others are a 400.",
     )
     session_id: Text | None = Field(
         default=None,
@@ -238,24 +263,24 @@ class InputMessage(Body):
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
     content: Content
-    id: str | None = Field(default=None, max_length=128)
+    id: Text | None = Field(default=None, max_length=128)
     status: str | None = Field(default=None, max_length=32)
 
 
 class FunctionCallItem(Body):
     type: Literal["function_call"]
-    call_id: str = Field(min_length=1, max_length=128)
+    call_id: Text = Field(min_length=1, max_length=128)
     name: CallName
     arguments: CallArguments
-    id: str | None = Field(default=None, max_length=128)
+    id: Text | None = Field(default=None, max_length=128)
     status: str | None = Field(default=None, max_length=32)
 
 
 class FunctionCallOutputItem(Body):
     type: Literal["function_call_output"]
-    call_id: str = Field(min_length=1, max_length=128)
+    call_id: Text = Field(min_length=1, max_length=128)
     output: Content
-    id: str | None = Field(default=None, max_length=128)
+    id: Text | None = Field(default=None, max_length=128)
     status: str | None = Field(default=None, max_length=32)
 
 
@@ -278,7 +303,7 @@ class FunctionTool(Body):
     type: Literal["function"]
     name: str = Field(min_length=1, max_length=64)
     description: Text | None = Field(default=None, max_length=4096)
-    parameters: dict[str, Any] | None = None
+    parameters: JsonObject | None = None
     strict: bool | None = None
 
 
@@ -301,7 +326,7 @@ class TextFormatJsonSchema(BaseModel):
     type: Literal["json_schema"]
     name: str = Field(default="response", max_length=64)
     description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    schema_: JsonObject = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
@@ -335,7 +360,7 @@ class ResponseRequest(Body):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=-SEED_RANGE, lt=SEED_RANGE)
     store: bool = True
-    previous_response_id: str | None = Field(default=None, max_length=128)
+    previous_response_id: Text | None = Field(default=None, max_length=128)
     stream: bool = False
     # Where the history outgrows the context: stored conversations drop their
     # oldest turns ("auto"); "disabled" answers a 400 instead.
@@ -344,7 +369,7 @@ class ResponseRequest(Body):
     include: Annotated[list[Literal["message.output_text.logprobs"]], Field(max_length=4)] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     # Metadata (METADATA): accepted, not used.
-    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    metadata: Metadata | None = None
     user: str | None = Field(default=None, max_length=256)
     service_tier: str | None = Field(default=None, max_length=32)
     prompt_cache_key: str | None = Field(default=None, max_length=256)

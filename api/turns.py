@@ -34,6 +34,11 @@ def _bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
 
+# What clients send back of an output_text part they were given (Responses
+# input echoing earlier output): kept only as the text.
+_ECHOED_PART_KEYS = frozenset({"annotations", "logprobs"})
+
+
 def content_text(content: schemas.Content | None, param: str) -> str:
     """The text of a message's content; a part that is not text is a 400
     naming it (this service's models read text only)."""
@@ -43,6 +48,14 @@ def content_text(content: schemas.Content | None, param: str) -> str:
         return content
     texts = []
     for index, part in enumerate(content):
+        unknown = set(part.model_extra or ()) - _ECHOED_PART_KEYS
+        if unknown and part.type in ("text", "input_text", "output_text"):
+            key = sorted(unknown)[0]
+            raise _bad(
+                f"Unsupported field {key!r} in a text part: a text part has 'type' and 'text'.",
+                f"{param}.{index}.{key}",
+                "unsupported_parameter",
+            )
         if part.type not in ("text", "input_text", "output_text"):
             raise _bad(
                 f"Content parts of type {part.type!r} are not supported: the models of this service read "
@@ -71,6 +84,11 @@ def chat_turns(messages: Sequence[schemas.ChatMessageIn], *, stored: bool = Fals
         if message.tool_call_id is not None and role != "tool":
             raise _bad("Only tool messages carry a tool_call_id.", f"{where}.tool_call_id")
         text = content_text(message.content, f"{where}.content")
+        if message.refusal is not None and role != "assistant":
+            raise _bad("Only assistant messages carry a refusal.", f"{where}.refusal")
+        if message.name and role != "tool":
+            # OpenAI's participant name: the model reads who speaks.
+            text = f"{message.name}: {text}"
         if role == "assistant":
             if not text and message.refusal:
                 text = message.refusal
@@ -95,7 +113,7 @@ def chat_turns(messages: Sequence[schemas.ChatMessageIn], *, stored: bool = Fals
                 )
             if message.content is None:
                 raise _bad("A tool message needs content (the tool's result).", f"{where}.content")
-            turns.append(Turn("tool", text, call_id=message.tool_call_id))
+            turns.append(Turn("tool", text, call_id=message.tool_call_id, name=message.name or ""))
         else:
             if message.content is None:
                 raise _bad(f"A {message.role} message needs content.", f"{where}.content")

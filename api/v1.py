@@ -34,6 +34,7 @@ from api.turns import chat_turns, tool_use
 from chat.models import Conversation
 from chat.replies import ReplyRun
 from inference import registry
+from inference.tools import CallParser
 from inference.types import InvalidRequest, TokenLogprob
 
 ERRORS = frozenset({400, 401, 404, 413, 429, 500, 503})
@@ -133,6 +134,7 @@ async def _stream(
     reply: StartedReply,
     chunks: openai.ChunkStream,
     *,
+    parser: CallParser | None = None,
     calls_to: Conversation | None = None,
     logprobs: _Logprobs | None = None,
 ) -> AsyncIterator[bytes]:
@@ -155,8 +157,9 @@ async def _stream(
         if error is not None:
             yield json_event(api_error_from(error).body())
             return
+        if parser is not None:
+            await asyncio.to_thread(parser.close)  # parses and validates: off the loop
         closing = chunks.closing(reply.ended)
-        parser = getattr(chunks, "parser", None)
         if calls_to is not None and parser is not None and parser.calls:
             await database_sync_to_async(store_calls)(reply.ended, parser.calls)
         for chunk in closing:
@@ -229,7 +232,7 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
         )
     else:
         run = ReplyRun.stateless(
-            messages=tools.messages(turns),
+            messages=await asyncio.to_thread(tools.messages, turns),
             params=params,
             transport="api",
             model_name=model,
@@ -242,9 +245,9 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
     if body.stream:
         chunks = openai.ChatChunks(head, include_usage=_include_usage(body), parser=parser)
         logprobs = _Logprobs(chat=True) if body.logprobs else None
-        return event_stream(_stream(reply, chunks, calls_to=conversation, logprobs=logprobs))
+        return event_stream(_stream(reply, chunks, parser=parser, calls_to=conversation, logprobs=logprobs))
     text, items = await _whole(reply)
-    content, calls = openai.read_calls(parser, text)
+    content, calls = await asyncio.to_thread(openai.read_calls, parser, text)
     if calls and conversation is not None:
         await database_sync_to_async(store_calls)(reply.ended, calls)
     session_id = conversation.session_id if conversation is not None else None

@@ -143,7 +143,7 @@ def render_calls(calls: Sequence[ToolCall]) -> str:
     for call in calls:
         try:
             arguments: Any = json.loads(call.arguments) if call.arguments else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's stack
             arguments = call.arguments
         rendered.append({"name": call.name, "arguments": arguments, "id": call.id})
     return json.dumps({"tool_calls": rendered}, ensure_ascii=False)
@@ -167,7 +167,7 @@ class Turn:
     content: str = ""
     calls: tuple[ToolCall, ...] = ()
     call_id: str = ""
-    name: str = ""
+    name: str = ""  # a tool result's tool, when the call is not in the turns
 
 
 def prompt_messages(
@@ -181,7 +181,8 @@ def prompt_messages(
     messages: list[ChatMessage] = []
     for turn in turns:
         if turn.role == "tool":
-            content = render_result(call_id=turn.call_id, name=names.get(turn.call_id), content=turn.content)
+            name = names.get(turn.call_id) or turn.name or None
+            content = render_result(call_id=turn.call_id, name=name, content=turn.content)
             messages.append(ChatMessage("user", content))
         elif turn.role == "assistant" and turn.calls:
             text = render_calls(turn.calls)
@@ -374,6 +375,7 @@ class CallParser:
         self._deciding = not required
         self._holding = False
         self._scanner = _CallScanner() if required else None
+        self._closed: list[ParserEvent] | None = None
         self.calls: list[ToolCall] = []
 
     @property
@@ -402,16 +404,30 @@ class CallParser:
         return [ContentDelta(text)] if text else []
 
     def close(self) -> list[ParserEvent]:
-        """The events left once the reply ended; :attr:`calls` is then set."""
+        """The events left once the reply ended; :attr:`calls` is then set.
+        Idempotent (the events are kept): it parses and validates, so a
+        caller on an event loop runs it in a thread first."""
+        if self._closed is None:
+            self._closed = self._close()
+        return self._closed
+
+    def _close(self) -> list[ParserEvent]:
         if self._scanner is not None:
+            # The grammar made this text: it is trusted to follow the schema
+            # as far as the grammar enforces it (keywords such as minimum are
+            # outside what the converter constrains), and only has to parse,
+            # which a reply cut by max_tokens does not.
             scanner = self._scanner
-            self.calls = self._valid_calls(self._held, ids=scanner.ids, arguments=scanner.arguments) or []
+            self.calls = (
+                self._valid_calls(self._held, ids=scanner.ids, arguments=scanner.arguments, validate=False)
+                or []
+            )
             return []
         if not self._holding:
             if self._deciding and self._held:
                 return [ContentDelta(self._held)]
             return []
-        calls = self._valid_calls(self._held, ids=[], arguments=[])
+        calls = self._valid_calls(self._held, ids=[], arguments=[], validate=True)
         if calls is None:
             return [ContentDelta(self._held)] if self._held else []
         self.calls = calls
@@ -421,13 +437,15 @@ class CallParser:
             events.append(ArgumentsDelta(index, call.arguments))
         return events
 
-    def _valid_calls(self, text: str, *, ids: list[str], arguments: list[str]) -> list[ToolCall] | None:
+    def _valid_calls(
+        self, text: str, *, ids: list[str], arguments: list[str], validate: bool
+    ) -> list[ToolCall] | None:
         """The calls ``text`` makes, or None unless it is the calls object of
         declared tools with valid arguments. ``ids`` and ``arguments`` are
         those already streamed, kept as they were sent."""
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if not isinstance(value, dict) or set(value) != {"tool_calls"}:
             return None
@@ -440,7 +458,11 @@ class CallParser:
                 return None
             tool = self._tools.get(item["name"]) if isinstance(item["name"], str) else None
             value = item["arguments"]
-            if tool is None or not isinstance(value, dict) or not _valid(value, tool.parameters):
+            if (
+                tool is None
+                or not isinstance(value, dict)
+                or (validate and not _valid(value, tool.parameters))
+            ):
                 return None
             call_id = ids[index] if index < len(ids) else new_call_id()
             text = arguments[index] if index < len(arguments) else json.dumps(value, ensure_ascii=False)
@@ -491,7 +513,8 @@ class _CallScanner:
         for char in text:
             if self._awaiting_arguments and not char.isspace():
                 self._awaiting_arguments = False
-                self._in_arguments = True
+                # Arguments before any name (a server that ignored the grammar) are not streamed.
+                self._in_arguments = self._index >= 0
             if self._in_arguments:
                 arguments.append(char)
                 self._track(char, collect=False)

@@ -269,6 +269,8 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"input": "Hi", "include": ["file_search_call.results"]}, "include.0"),
     ({"input": "Hi", "previous_response_id": "resp_nothere"}, "previous_response_id"),
     ({"input": "Hi", "reasoning": {"effort": "high"}}, "reasoning.effort"),
+    ({"input": [{"type": "function_call_output", "call_id": "\ud800", "output": "x"}]}, "input.0.call_id"),
+    ({"input": "Hi", "metadata": {"k" * 65: "v"}}, "metadata." + "k" * 65),
 ]
 
 
@@ -285,3 +287,11 @@ def test_a_bad_item_field_is_named_without_the_items_tag(api: LiveApi) -> None:
     answer = call(api, "POST", "/responses", {**GREEDY, "input": [{"role": "moderator", "content": "x"}]})
     assert answer.status_code == 400
     assert answer.json()["error"]["param"] == "input.0.role"
+
+
+def test_a_refused_response_leaves_no_conversation_behind(api: LiveApi) -> None:
+    before = call(api, "GET", "/conversations").json()["data"]
+    answer = call(api, "POST", "/responses", {**GREEDY, "input": "word " * 3000})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["code"] == "context_length_exceeded"
+    assert call(api, "GET", "/conversations").json()["data"] == before

@@ -266,6 +266,39 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"logit_bias": {"42": 1}}, "logit_bias"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "hi", "refusal": "no"}]}, "messages.0.refusal"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}]}]},
+        "messages.0.content.0.cache_control",
+    ),
+    ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ({"metadata": {"k": "v" * 513}}, "metadata.k"),
+    (
+        {
+            "messages": [
+                *QUESTION,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "\ud800", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                    ],
+                },
+            ]
+        },
+        "messages.1.tool_calls.0.id",
+    ),
+    (
+        {
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"type": "object", "description": "\u0000"}},
+                }
+            ]
+        },
+        "tools.0.function.parameters",
+    ),
     (
         {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
         "response_format",
@@ -375,3 +408,54 @@ async def test_a_costly_tool_grammar_beside_a_plain_reply_leaves_it_alive() -> N
     assert plain[0] == 200, plain
     assert plain[1]["choices"][0]["message"]["content"]
     assert time.monotonic() - started < 120  # liveness, not speed
+
+
+async def test_deeply_nested_arguments_in_history_are_kept_as_text() -> None:
+    """Arguments nested past what a JSON parser recurses into are not JSON to
+    the prompt: they are written as the string they are."""
+    key = await secret()
+    deep = "[" * 100_000
+    history = [
+        *QUESTION,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": deep}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "x"},
+    ]
+    status, body = await complete(key, messages=history, max_tokens=4, session_id="deep")
+    assert status == 200, body
+    status, body = await complete(
+        key, messages=[{"role": "user", "content": "And now?"}], max_tokens=4, session_id="deep"
+    )
+    assert status == 200, body
+
+
+async def test_a_required_call_is_the_grammars_even_where_the_schema_says_more() -> None:
+    """Keywords the grammar does not enforce (minimum) do not turn a
+    required call back into text."""
+    key = await secret()
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "set_level",
+            "parameters": {
+                "type": "object",
+                "properties": {"n": {"type": "integer", "minimum": 1000}},
+                "required": ["n"],
+            },
+        },
+    }
+    status, body = await complete(
+        key,
+        messages=[{"role": "user", "content": "Set the level to 5."}],
+        tools=[tool],
+        tool_choice="required",
+    )
+    assert status == 200, body
+    (call_,) = body["choices"][0]["message"]["tool_calls"]
+    assert isinstance(json.loads(call_["function"]["arguments"])["n"], int)
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
