@@ -217,6 +217,15 @@ def get_embedder(name: str | None = None) -> Embedder:
     return embedder
 
 
+def close_embedders() -> None:
+    """Stop every embedder's thread and free its model; engines stay (tests)."""
+    with _engines_lock:
+        embedders = list(_embedders.values())
+        _embedders.clear()
+    for embedder in embedders:
+        embedder.close()
+
+
 def close_all() -> None:
     """Stop every engine's and embedder's thread and free its model (tests, shutdown)."""
     with _engines_lock:

@@ -74,8 +74,10 @@ SAME = 1 - 1e-4
 
 @pytest.fixture(scope="module", autouse=True)
 def _free_the_model() -> Iterator[None]:
+    """The embeddings context goes with the module; the chat engine, which
+    other modules share (conftest's engine), stays."""
     yield
-    registry.close_all()
+    registry.close_embedders()
 
 
 @pytest.fixture(autouse=True)
