@@ -132,15 +132,6 @@ def input_turns(body: schemas.ResponseRequest, history: Sequence[Turn] = ()) -> 
     return turns
 
 
-def _message_turn(message: Message) -> Turn:
-    calls = tuple(
-        ToolCall(str(c.get("id", "")), str(c.get("name", "")), str(c.get("arguments", "")))
-        for c in message.tool_calls
-        if isinstance(c, dict)
-    )
-    return Turn(message.role, message.content, calls=calls, call_id=message.tool_call_id)
-
-
 async def _tools(body: schemas.ResponseRequest) -> ToolUse:
     definitions = [
         schemas.ToolDefinition(
@@ -268,7 +259,7 @@ def _previous(user: AbstractBaseUser, previous_id: str) -> tuple[StoredResponse,
     if stored.reply.status == Message.Status.STREAMING:
         raise _bad("The previous response is still in progress.", "previous_response_id")
     history = [
-        _message_turn(m)
+        m.turn()
         for m in branch_ending_at(stored.reply)
         if m.status in PROMPT_STATUSES and (m.content or m.tool_calls)
     ]
@@ -487,11 +478,7 @@ def _stored_object(stored: StoredResponse) -> ResponseObject:
     )
     if reply is None or reply.status == Message.Status.STREAMING:
         return base
-    calls = [
-        ToolCall(str(c.get("id", "")), str(c.get("name", "")), str(c.get("arguments", "")))
-        for c in reply.tool_calls
-        if isinstance(c, dict)
-    ]
+    calls = list(reply.calls())
     if reply.status == Message.Status.ERROR:
         status: openai.ResponseStatus = "failed"
     elif reply.status in (Message.Status.STOPPED, Message.Status.INTERRUPTED):

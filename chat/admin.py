@@ -244,12 +244,7 @@ def _tool_lines(message: Message) -> list[str]:
     or the call a tool message answers; plain text, escaped where it is shown."""
     if message.role == Message.Role.TOOL:
         return [f"result of call {message.tool_call_id or '(none)'}"]
-    calls = message.tool_calls if isinstance(message.tool_calls, list) else []
-    return [
-        f"called {call.get('name', '')}({call.get('arguments', '')}) [{call.get('id', '')}]"
-        for call in calls
-        if isinstance(call, dict)
-    ]
+    return [f"called {call.name}({call.arguments}) [{call.id}]" for call in message.calls()]
 
 
 @admin.register(Message)

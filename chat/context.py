@@ -27,7 +27,7 @@ from django.conf import settings
 
 from chat.models import Conversation, Message
 from inference import registry
-from inference.tools import PromptTools, ToolCall, Turn, prompt_messages
+from inference.tools import PromptTools, Turn, prompt_messages
 from inference.types import ChatMessage, ContextLengthExceeded
 
 PROMPT_STATUSES = frozenset({Message.Status.COMPLETE, Message.Status.STOPPED, Message.Status.INTERRUPTED})
@@ -81,15 +81,6 @@ class Prompt:
         return bool(self.left_out_ids)
 
 
-def _turn(message: Message) -> Turn:
-    calls = tuple(
-        ToolCall(str(c.get("id", "")), str(c.get("name", "")), str(c.get("arguments", "")))
-        for c in message.tool_calls
-        if isinstance(c, dict)
-    )
-    return Turn(message.role, message.content, calls=calls, call_id=message.tool_call_id)
-
-
 def _sendable(message: Message) -> bool:
     return message.status in PROMPT_STATUSES and bool(message.content or message.tool_calls)
 
@@ -137,7 +128,7 @@ def build_prompt(
     kept = middle if whole else middle[max(0, len(middle) - (max_messages - 1)) :]
 
     def assemble(window: Sequence[Message]) -> list[ChatMessage]:
-        turns = [*head, *map(_turn, leading), *map(_turn, window), _turn(newest)]
+        turns = [*head, *(m.turn() for m in leading), *(m.turn() for m in window), newest.turn()]
         if tools is not None:
             return tools.messages(turns)
         return prompt_messages(turns)

@@ -17,6 +17,8 @@ from django.db.models import Q
 from django.utils import timezone
 from django_prometheus.models import ExportModelOperationsMixin
 
+from inference.tools import ToolCall, Turn
+
 
 class Conversation(ExportModelOperationsMixin("conversation"), models.Model):  # type: ignore[misc]
     """A conversation of one owner with one model.
@@ -192,3 +194,17 @@ class Message(ExportModelOperationsMixin("message"), models.Model):  # type: ign
     def __str__(self) -> str:
         text = " ".join(self.content.split())
         return f"{self.role}: {text[:60]}{'…' if len(text) > 60 else ''}"
+
+    def calls(self) -> tuple[ToolCall, ...]:
+        """The tool calls it made, each field a string (a row the API or an
+        import wrote holds them checked; anything else in the JSON is skipped)."""
+        stored = self.tool_calls if isinstance(self.tool_calls, list) else []
+        return tuple(
+            ToolCall(str(c.get("id", "")), str(c.get("name", "")), str(c.get("arguments", "")))
+            for c in stored
+            if isinstance(c, dict)
+        )
+
+    def turn(self) -> Turn:
+        """The message as :mod:`inference.tools` writes it into a prompt."""
+        return Turn(self.role, self.content, calls=self.calls(), call_id=self.tool_call_id)

@@ -28,7 +28,7 @@ from django.db.models import QuerySet
 from chat.models import Conversation, Message
 from chat.selectors import MessageTree
 from chat.sessions_io.formats import FULL_FORMAT, FULL_VERSION, Format, SessionsExportError
-from inference.tools import ToolCall, Turn, prompt_messages
+from inference.tools import ToolCall, prompt_messages
 
 
 def _time(moment: dt.datetime) -> str:
@@ -124,18 +124,12 @@ def _full_message(message: Message) -> dict[str, Any]:
 
 
 def _calls(message: Message) -> list[ToolCall]:
-    """The message's calls, each field a string (read as :mod:`chat.context` reads them)."""
-    calls = message.tool_calls if isinstance(message.tool_calls, list) else []
-    return [
-        ToolCall(str(c.get("id", "")), str(c.get("name", "")), str(c.get("arguments", "")))
-        for c in calls
-        if isinstance(c, dict)
-    ]
+    return list(message.calls())
 
 
 def _original_messages(branch: list[Message]) -> list[dict[str, str]]:
     """A shown branch as role and content only (see the module docstring)."""
-    turns = [Turn(m.role, m.content, calls=tuple(_calls(m)), call_id=m.tool_call_id) for m in branch]
+    turns = [m.turn() for m in branch]
     return [{"role": chat.role, "content": chat.content} for chat in prompt_messages(turns)]
 
 

@@ -34,12 +34,7 @@ class ShownCall:
 @register.filter(name="tool_calls")
 def tool_calls(message: Message) -> list[ShownCall]:
     """``{{ message|tool_calls }}``: the message's calls, each field a string."""
-    calls = message.tool_calls if isinstance(message.tool_calls, list) else []
-    return [
-        ShownCall(str(call.get("id", "")), str(call.get("name", "")), str(call.get("arguments", "")))
-        for call in calls
-        if isinstance(call, dict)
-    ]
+    return [ShownCall(call.id, call.name, call.arguments) for call in message.calls()]
 
 
 @register.simple_tag
