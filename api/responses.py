@@ -47,13 +47,13 @@ from api.models import StoredResponse
 from api.openai import ErrorBody, ResponseObject
 from api.replies import StartedReply, check_model, sampling_params, start_reply
 from api.sse import event_stream
-from api.turns import ToolUse, content_text, tool_use
+from api.turns import ToolUse, content_text, model_tool_format, tool_use
 from chat import services
 from chat.context import PROMPT_STATUSES
 from chat.models import Conversation, Message
 from chat.replies import ReplyEnded, ReplyRun
 from chat.selectors import branch_ending_at
-from inference.tools import ToolCall, Turn
+from inference.tools import ToolCall, ToolFormat, Turn
 from inference.types import InvalidRequest
 
 router = Router()
@@ -132,7 +132,7 @@ def input_turns(body: schemas.ResponseRequest, history: Sequence[Turn] = ()) -> 
     return turns
 
 
-async def _tools(body: schemas.ResponseRequest) -> ToolUse:
+async def _tools(body: schemas.ResponseRequest, format: ToolFormat) -> ToolUse:
     definitions = [
         schemas.ToolDefinition(
             type="function",
@@ -149,7 +149,7 @@ async def _tools(body: schemas.ResponseRequest) -> ToolUse:
         )
     else:
         choice = body.tool_choice
-    return await tool_use(definitions, choice, body.parallel_tool_calls, function_param="")
+    return await tool_use(definitions, choice, body.parallel_tool_calls, function_param="", format=format)
 
 
 async def _format_grammar(body: schemas.ResponseRequest) -> str | None:
@@ -301,7 +301,7 @@ async def create_response(request: HttpRequest, body: schemas.ResponseRequest) -
     if body.previous_response_id is not None:
         previous, history = await database_sync_to_async(_previous)(caller.user, body.previous_response_id)
     turns = input_turns(body, history)
-    tools = await _tools(body)
+    tools = await _tools(body, await model_tool_format(model, [*history, *turns], body.tools))
     format_grammar = await _format_grammar(body)
     if tools.grammar is not None and format_grammar is not None:
         raise _bad("A required tool call and text.format cannot both constrain the reply.", "text.format")
@@ -342,6 +342,7 @@ async def create_response(request: HttpRequest, body: schemas.ResponseRequest) -
         ordered = [*system, *prior, *(t for t in turns if t.role != "system")]
         run = ReplyRun.stateless(
             messages=await asyncio.to_thread(tools.messages, ordered),
+            tool_definitions=tools.definitions(),
             params=params,
             transport="api",
             model_name=model,

@@ -12,20 +12,22 @@ tool. The Responses API's items are read into the same turns
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from api import schemas
 from api.errors import ApiError
+from inference import registry
 from inference.tools import (
     CallParser,
     PromptTools,
     Tool,
     ToolCall,
+    ToolFormat,
     Turn,
     calls_grammar,
     check_tools,
-    prompt_messages,
 )
 from inference.types import ChatMessage, InvalidRequest
 
@@ -132,6 +134,7 @@ class ToolUse:
     required: str | bool = False
     parallel: bool = True
     grammar: str | None = None
+    format: ToolFormat = "generic"
 
     @property
     def active(self) -> bool:
@@ -141,15 +144,21 @@ class ToolUse:
         """The reader of the reply's tool calls, None when it makes none."""
         if not self.active:
             return None
-        return CallParser(self.tools, required=bool(self.required), parallel=self.parallel)
+        return CallParser(
+            self.tools, required=bool(self.required), parallel=self.parallel, format=self.format
+        )
 
-    def prompt_tools(self) -> PromptTools | None:
-        """The tools for a stored conversation's prompt, None when the reply calls none."""
-        return PromptTools(self.tools, self.required) if self.active else None
+    def prompt_tools(self) -> PromptTools:
+        """The tools for a stored conversation's prompt (none when the reply calls none)."""
+        return PromptTools(self.tools if self.active else (), self.required, self.format)
 
     def messages(self, turns: Sequence[Turn]) -> list[ChatMessage]:
         """The prompt's messages: the tools are described when the reply may call them."""
-        return prompt_messages(turns, self.tools if self.active else (), required=self.required)
+        return self.prompt_tools().messages(turns)
+
+    def definitions(self) -> tuple[dict[str, object], ...]:
+        """The tools a template that renders them gets with the request."""
+        return self.prompt_tools().definitions()
 
 
 async def tool_use(
@@ -159,10 +168,11 @@ async def tool_use(
     *,
     param: str = "tools",
     function_param: str = "function",
+    format: ToolFormat = "generic",
 ) -> ToolUse:
     """Read ``tools``, ``tool_choice`` and ``parallel_tool_calls``; the
     schemas are checked (the limits of :mod:`inference.grammars`) and the
-    grammar built off the event loop."""
+    grammar built, in the model's ``format``, off the event loop."""
     tools = tuple(
         Tool(d.function.name, d.function.description or "", d.function.parameters or {"type": "object"})
         for d in definitions or ()
@@ -183,7 +193,11 @@ async def tool_use(
     required: str | bool = named if named is not None else mode == "required"
     # A named function is called once; otherwise as parallel_tool_calls says (OpenAI: allowed).
     use = ToolUse(
-        tools=tools, choice=mode, required=required, parallel=parallel is not False and named is None
+        tools=tools,
+        choice=mode,
+        required=required,
+        parallel=parallel is not False and named is None,
+        format=format,
     )
 
     def build() -> str | None:
@@ -191,11 +205,25 @@ async def tool_use(
         if not use.active or not required:
             return None
         return calls_grammar(
-            tools, name=named, parallel=use.parallel, param=param, function_param=function_param
+            tools,
+            name=named,
+            parallel=use.parallel,
+            param=param,
+            function_param=function_param,
+            format=format,
         )
 
     try:
         grammar = await asyncio.to_thread(build)
     except InvalidRequest as exc:
         raise ApiError(400, str(exc), param=exc.param or param, code="invalid_tool") from None
-    return ToolUse(tools=tools, choice=mode, required=required, parallel=use.parallel, grammar=grammar)
+    return dataclasses.replace(use, grammar=grammar)
+
+
+async def model_tool_format(model: str, turns: Sequence[Turn], definitions: object) -> ToolFormat:
+    """The model's way with tools (:func:`inference.registry.tool_format`),
+    asked only when the request has tools or a history of calls (it may
+    load the model, in a thread)."""
+    if not definitions and not any(t.calls or t.role == "tool" for t in turns):
+        return "generic"
+    return await asyncio.to_thread(registry.tool_format, model)

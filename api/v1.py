@@ -30,7 +30,7 @@ from api.replies import StartedReply, check_model, sampling_params, start_reply
 from api.selectors import access_api_conversation, api_conversations, api_shown_branch
 from api.sessions import delete_conversation, export_conversation, read_import, write_import
 from api.sse import DONE, event_stream, json_event
-from api.turns import chat_turns, tool_use
+from api.turns import chat_turns, model_tool_format, tool_use
 from chat.models import Conversation
 from chat.replies import ReplyRun
 from inference import registry
@@ -185,7 +185,8 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
     caller = _caller(request)
     model = check_model(body.model)
     turns = chat_turns(body.messages, stored=body.session_id is not None)
-    tools = await tool_use(body.tools, body.tool_choice, body.parallel_tool_calls)
+    tool_format = await model_tool_format(model, turns, body.tools)
+    tools = await tool_use(body.tools, body.tool_choice, body.parallel_tool_calls, format=tool_format)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
     if body.logprobs and tools.active:
@@ -233,6 +234,7 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
     else:
         run = ReplyRun.stateless(
             messages=await asyncio.to_thread(tools.messages, turns),
+            tool_definitions=tools.definitions(),
             params=params,
             transport="api",
             model_name=model,

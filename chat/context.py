@@ -19,6 +19,7 @@ part of the dialogue and are skipped.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -207,7 +208,9 @@ def build_prompt_for_reply(
         max_messages=settings.CHATSITE_MAX_HISTORY_MESSAGES,
         context_size=engine.n_ctx,
         max_tokens=max_tokens,
-        count_tokens=engine.count_prompt_tokens,
+        count_tokens=functools.partial(
+            engine.count_prompt_tokens, tools=tools.definitions() if tools is not None else ()
+        ),
         tools=tools,
         whole=whole,
     )

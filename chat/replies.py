@@ -343,6 +343,7 @@ class ReplyRun:
         prompt: str | None = None,
         tools: PromptTools | None = None,
         whole_history: bool = False,
+        tool_definitions: tuple[dict[str, object], ...] = (),
     ) -> None:
         if (conversation is None) != (parent is None):
             raise ValueError("a stored reply needs its conversation and the message it answers")
@@ -357,6 +358,8 @@ class ReplyRun:
         # The tools a stored conversation's prompt describes (a stateless
         # reply's messages already do).
         self.tools = tools
+        # A stateless reply's tools, for a template that renders them.
+        self.tool_definitions = tool_definitions
         # Send the whole branch or refuse (no trimming to fit).
         self.whole_history = whole_history
         self.params = params
@@ -382,6 +385,7 @@ class ReplyRun:
         prompt: str | None = None,
         model_name: str = "",
         limits: Sequence[ratelimit.Limit] = (),
+        tool_definitions: tuple[dict[str, object], ...] = (),
     ) -> ReplyRun:
         """A reply to ``messages`` (chat, with the model's template) or a
         continuation of ``prompt`` (raw text), stored nowhere; ``model_name``
@@ -393,6 +397,7 @@ class ReplyRun:
             prompt=prompt,
             model_name=model_name,
             limits=limits,
+            tool_definitions=tool_definitions,
         )
 
     @property
@@ -541,10 +546,17 @@ class ReplyRun:
         if self.conversation is not None:
             prompt = await self._build_prompt(self.conversation)
             self._prompt_tokens = prompt.tokens
-            request = GenerationRequest(prompt.messages, self.params, transport=self.transport)
+            definitions = self.tools.definitions() if self.tools is not None else ()
+            request = GenerationRequest(
+                prompt.messages, self.params, transport=self.transport, tools=definitions
+            )
         else:
             request = GenerationRequest(
-                self.messages, self.params, transport=self.transport, prompt=self.text_prompt
+                self.messages,
+                self.params,
+                transport=self.transport,
+                prompt=self.text_prompt,
+                tools=self.tool_definitions,
             )
         engine = registry.get_engine(self.model_name)
         if any(limit.tokens_per_minute for limit in self.limits):
@@ -648,7 +660,7 @@ async def _count_prompt_tokens(engine: EngineClient, request: GenerationRequest)
     engine will count."""
     if request.prompt is None:
         # The model's own tokenizer and template: exact (off the loop: it may load the model).
-        return await asyncio.to_thread(engine.count_prompt_tokens, request.messages)
+        return await asyncio.to_thread(engine.count_prompt_tokens, request.messages, request.tools)
     # A raw prompt: a token is at least one byte of text, and the model may
     # add a start and an end token, so this is never below the real count.
     return len(request.prompt.encode("utf-8")) + 2

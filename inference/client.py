@@ -30,7 +30,7 @@ The contract, for every implementation:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -66,7 +66,9 @@ class EngineClient(Protocol):
 
     def stream(self, request: GenerationRequest) -> GenerationStream: ...
 
-    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int: ...
+    def count_prompt_tokens(
+        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, object]] = ()
+    ) -> int: ...
 
     @property
     def n_ctx(self) -> int: ...

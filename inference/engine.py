@@ -59,7 +59,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -271,6 +271,7 @@ class Engine:
         self._context: Context | None = None
         self._batch: Batch | None = None
         self._formatter: Callable[..., Any] | None = None
+        self._renders_tools: bool | None = None
         self._load_lock = threading.Lock()
         # An RLock (Condition's default): Generation.__del__ may run while this
         # thread already holds it.
@@ -402,11 +403,31 @@ class Engine:
             self._condition.notify()
         return Generation(self, job)
 
-    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        """Tokens the chat template makes of these messages, with the reply's
-        opening. Blocking (it may load the model): call it off the event loop.
+    def count_prompt_tokens(
+        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, object]] = ()
+    ) -> int:
+        """Tokens the chat template makes of these messages (and ``tools``,
+        for a template that renders them), with the reply's opening.
+        Blocking (it may load the model): call it off the event loop.
         """
-        return len(self._prompt_tokens(messages)[0])
+        return len(self._prompt_tokens(messages, tools)[0])
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the model's chat template writes tools into the prompt
+        (a probe tool's name appears when it is given one). Blocking: it
+        loads the model on first use."""
+        self._ensure_loaded()
+        if self._renders_tools is None:
+            probe = {"type": "function", "function": {"name": "chatsite_probe_tool", "parameters": {}}}
+            try:
+                text = self._formatter(  # type: ignore[misc]
+                    messages=[{"role": "user", "content": "x"}], tools=[probe]
+                ).prompt
+            except Exception:  # a template that refuses tools does not render them
+                text = ""
+            self._renders_tools = "chatsite_probe_tool" in text
+        return self._renders_tools
 
     def load(self) -> None:
         """Load the weights now (blocking) instead of on the first request."""
@@ -534,7 +555,7 @@ class Engine:
                 prompt = self._raw_prompt_tokens(job.request.prompt)
                 template_stops: tuple[str, ...] = ()
             else:
-                prompt, template_stops = self._prompt_tokens(job.request.messages)
+                prompt, template_stops = self._prompt_tokens(job.request.messages, job.request.tools)
             if len(prompt) >= self.n_ctx:
                 raise ContextLengthExceeded(
                     prompt_tokens=len(prompt), limit=self.n_ctx - 1, model=self.spec.name
@@ -806,13 +827,23 @@ class Engine:
 
     # -- the model -------------------------------------------------------------
 
-    def _prompt_tokens(self, messages: Sequence[ChatMessage]) -> tuple[list[int], tuple[str, ...]]:
+    def _prompt_tokens(
+        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, object]] = ()
+    ) -> tuple[list[int], tuple[str, ...]]:
         from inference.types import InvalidRequest
 
         model = self._ensure_loaded()
         assert self._formatter is not None
         try:
-            formatted = self._formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+            native = bool(tools) or any(m.tool_calls or m.tool_call_id for m in messages)
+            if native:  # a template that renders tools (inference.tools' "hermes" format)
+                formatted = self._formatter(
+                    messages=[m.template_dict() for m in messages], tools=list(tools) or None
+                )
+            else:
+                formatted = self._formatter(
+                    messages=[{"role": m.role, "content": m.content} for m in messages]
+                )
         except Exception as exc:  # a template may raise on a message order it refuses
             raise InvalidRequest(f"the model's chat template refused the messages: {exc}") from None
         tokens = model.tokenize(
@@ -895,7 +926,7 @@ class Engine:
             raise ModelUnavailable(
                 f"could not create a context for model {self.spec.name!r}: {exc}"
             ) from None
-        template = model.metadata.get("tokenizer.chat_template")
+        template = self.spec.chat_template or model.metadata.get("tokenizer.chat_template")
         if template:
             self._formatter = llama_chat_format.Jinja2ChatFormatter(
                 template=template,

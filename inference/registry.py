@@ -35,6 +35,7 @@ from inference.specs import (
     ModelSpec,
     bundled_gguf,
 )
+from inference.tools import ToolFormat
 from inference.types import ModelUnavailable
 
 __all__ = [
@@ -215,6 +216,17 @@ def get_embedder(name: str | None = None) -> Embedder:
     if replaced is not None:
         replaced.close()
     return embedder
+
+
+def tool_format(name: str | None = None) -> ToolFormat:
+    """How a prompt for this model carries tools: ``hermes`` when it is a
+    local engine whose chat template renders tools, else ``generic``
+    (workers and remote servers get the generic format, written into the
+    messages). Blocking: it loads a local model on first use."""
+    spec = get_spec(name)
+    if spec.remote is not None or workers_mode():
+        return "generic"
+    return "hermes" if get_local_engine(spec.name).renders_tools else "generic"
 
 
 def close_embedders() -> None:

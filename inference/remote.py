@@ -45,7 +45,7 @@ import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx2
@@ -399,7 +399,11 @@ class RemoteClient:
             )
         return RemoteStream(self, request)
 
-    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+    def count_prompt_tokens(
+        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, object]] = ()
+    ) -> int:
+        # Tools reach only a local engine whose template renders them (inference.tools).
+        assert not tools, "this client's model gets tools written into its messages"
         """An estimate that errs on the long side (see :data:`CHARS_PER_TOKEN`)."""
         return sum(len(m.content) // CHARS_PER_TOKEN + TOKENS_PER_MESSAGE for m in messages)
 

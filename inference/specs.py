@@ -38,6 +38,7 @@ _KNOWN_KEYS = _REMOTE_KEYS | {
     "n_batch",
     "parallel",
     "description",
+    "chat_template",
     "embeddings",
 }
 
@@ -166,6 +167,9 @@ class ModelSpec:
     # Whether POST /v1/embeddings serves this model (inference.embeddings,
     # in a llama.cpp context of its own).
     embeddings: bool = False
+    # A Jinja chat template used instead of the one in the GGUF file
+    # (empty: the file's); one that renders tools gets them (inference.tools).
+    chat_template: str = ""
     # Set when an OpenAI-compatible server serves the model (``url``).
     remote: RemoteBackend | None = None
 
@@ -247,6 +251,11 @@ class ModelSpec:
         embeddings = table.get("embeddings", False)
         if not isinstance(embeddings, bool):
             raise ModelConfigError(f"{where} embeddings must be true or false, got {embeddings!r}")
+        chat_template = table.get("chat_template", "")
+        if not isinstance(chat_template, str) or len(chat_template) > 256 * 1024:
+            raise ModelConfigError(
+                f"{where} chat_template must be a Jinja template (a string of at most 256 KiB)"
+            )
         return cls(
             name=name,
             source=source,
@@ -257,5 +266,6 @@ class ModelSpec:
             parallel=integer("parallel", 0, 0),
             description=description,
             embeddings=embeddings,
+            chat_template=chat_template,
             remote=remote,
         )

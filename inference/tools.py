@@ -36,11 +36,19 @@ import secrets
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from inference.grammars import check_json_schema, grammar_for_json_schema
-from inference.types import ChatMessage, InvalidRequest
+from inference.grammars import check_grammar, check_json_schema, grammar_for_json_schema
+from inference.types import ChatMessage, InvalidRequest, NativeCall
 
+# How a prompt carries tools and a reply calls them: "generic" (the format
+# above, for any template), or "hermes" (a template that renders tools itself;
+# the model answers <tool_call>{"name": ..., "arguments": ...}</tool_call>, as
+# Hermes, Qwen 2.5 and 3, and the templates modelled on them do).
+ToolFormat = Literal["generic", "hermes"]
+HERMES_OPEN = "<tool_call>"
+HERMES_CLOSE = "</tool_call>"
+_HERMES_CALL_RE = re.compile(r"\s*<tool_call>\s*(.*?)\s*</tool_call>\s*", re.DOTALL)
 # OpenAI's own limits: 128 tools, names of 64 letters, digits, _ and -.
 MAX_TOOLS = 128
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
@@ -171,12 +179,30 @@ class Turn:
 
 
 def prompt_messages(
-    turns: Sequence[Turn], tools: Sequence[Tool] = (), *, required: str | bool = False
+    turns: Sequence[Turn],
+    tools: Sequence[Tool] = (),
+    *,
+    required: str | bool = False,
+    format: ToolFormat = "generic",
 ) -> list[ChatMessage]:
-    """The messages a chat template renders: the tools described at the end
-    of the system turn (one is added first when there is none), calls as the
-    assistant's JSON and results as user turns. The names of the calls'
-    tools are looked up for their results."""
+    """The messages a chat template renders.
+
+    ``generic``: the tools described at the end of the system turn (one is
+    added first when there is none), calls as the assistant's JSON and
+    results as user turns; the names of the calls' tools are looked up for
+    their results. ``hermes``: the template renders the tools itself
+    (:func:`tool_definitions` go with the request), so calls and results
+    stay structured, as the template expects them."""
+    if format == "hermes":
+        return [
+            ChatMessage(
+                turn.role,  # type: ignore[arg-type]
+                turn.content,
+                tool_calls=tuple(NativeCall(c.id, c.name, c.arguments) for c in turn.calls),
+                tool_call_id=turn.call_id,
+            )
+            for turn in turns
+        ]
     names = {call.id: call.name for turn in turns for call in turn.calls}
     messages: list[ChatMessage] = []
     for turn in turns:
@@ -199,15 +225,31 @@ def prompt_messages(
     return messages
 
 
+def tool_definitions(tools: Sequence[Tool]) -> tuple[dict[str, object], ...]:
+    """The tools in OpenAI's shape, as a template that renders tools takes them."""
+    return tuple(
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description, "parameters": dict(t.parameters)},
+        }
+        for t in tools
+    )
+
+
 @dataclass(frozen=True)
 class PromptTools:
-    """The tools a reply may call, as its prompt describes them."""
+    """The tools a reply may call, and how its prompt carries them."""
 
     tools: tuple[Tool, ...]
     required: str | bool = False
+    format: ToolFormat = "generic"
 
     def messages(self, turns: Sequence[Turn]) -> list[ChatMessage]:
-        return prompt_messages(turns, self.tools, required=self.required)
+        return prompt_messages(turns, self.tools, required=self.required, format=self.format)
+
+    def definitions(self) -> tuple[dict[str, object], ...]:
+        """What the request gives the template: the tools when it renders them."""
+        return tool_definitions(self.tools) if self.format == "hermes" else ()
 
 
 # -- the grammar ------------------------------------------------------------------
@@ -220,9 +262,11 @@ def calls_grammar(
     parallel: bool = True,
     param: str = "tools",
     function_param: str = "function",
+    format: ToolFormat = "generic",
 ) -> str:
     """The GBNF grammar of a reply that calls ``tools`` (only ``name`` when
-    given): one call, or up to :data:`MAX_PARALLEL_CALLS` when ``parallel``."""
+    given): one call, or up to :data:`MAX_PARALLEL_CALLS` when ``parallel``,
+    in the ``format`` the prompt asked for."""
     chosen = [t for t in tools if name is None or t.name == name]
     if not chosen:
         raise InvalidRequest(f"no tool is named {name!r}", param="tool_choice")
@@ -255,11 +299,32 @@ def calls_grammar(
     if definitions:
         schema["$defs"] = definitions
     try:
-        return grammar_for_json_schema(schema, param=param)
+        grammar = grammar_for_json_schema(schema, param=param)
     except InvalidRequest as exc:
         raise InvalidRequest(
             str(exc), param=_tool_param(exc.param, param, chosen, tools, function_param)
         ) from None
+    if format == "hermes":
+        grammar = _hermes_grammar(grammar, calls=MAX_PARALLEL_CALLS if parallel else 1, param=param)
+    return grammar
+
+
+def _hermes_grammar(generic: str, *, calls: int, param: str) -> str:
+    """The generic grammar's call objects (its ``tool-calls-item`` rule),
+    each in ``<tool_call>`` tags instead of the ``tool_calls`` array."""
+    lines = [line for line in generic.splitlines() if not line.startswith("root ::=")]
+    if not any(line.startswith("tool-calls-item ::=") for line in lines):
+        raise InvalidRequest("the tools' schemas cannot be turned into a grammar of calls", param=param)
+    more = f' ("\\n" hermes-call){{0,{calls - 1}}}' if calls > 1 else ""
+    grammar = "\n".join(
+        [
+            f"root ::= hermes-call{more}",
+            f'hermes-call ::= "{HERMES_OPEN}\\n" tool-calls-item "\\n{HERMES_CLOSE}"',
+            *lines,
+        ]
+    )
+    check_grammar(grammar, param=param)
+    return grammar
 
 
 def _tool_param(
@@ -368,13 +433,18 @@ class CallParser:
     closed.
     """
 
-    def __init__(self, tools: Sequence[Tool], *, required: bool, parallel: bool = True) -> None:
+    def __init__(
+        self, tools: Sequence[Tool], *, required: bool, parallel: bool = True, format: ToolFormat = "generic"
+    ) -> None:
         self._tools = {t.name: t for t in tools}
         self._max_calls = MAX_PARALLEL_CALLS if parallel else 1
+        self._format = format
+        self._opening = HERMES_OPEN if format == "hermes" else "{"
         self._held = ""
         self._deciding = not required
         self._holding = False
-        self._scanner = _CallScanner() if required else None
+        # A call object is the array's item (generic) or a whole JSON text in tags (hermes).
+        self._scanner = _CallScanner(call_depth=1 if format == "hermes" else 3) if required else None
         self._closed: list[ParserEvent] | None = None
         self.calls: list[ToolCall] = []
 
@@ -390,10 +460,10 @@ class CallParser:
         if self._deciding:
             self._held += text
             stripped = self._held.lstrip()
-            if not stripped:
-                return []
+            if not stripped or (self._opening.startswith(stripped) and stripped != self._opening):
+                return []  # nothing yet, or perhaps the opening of a call
             self._deciding = False
-            self._holding = stripped.startswith("{")
+            self._holding = stripped.startswith(self._opening)
             if self._holding:
                 return []
             held, self._held = self._held, ""
@@ -443,14 +513,8 @@ class CallParser:
         """The calls ``text`` makes, or None unless it is the calls object of
         declared tools with valid arguments. ``ids`` and ``arguments`` are
         those already streamed, kept as they were sent."""
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError):
-            return None
-        if not isinstance(value, dict) or set(value) != {"tool_calls"}:
-            return None
-        items = value["tool_calls"]
-        if not isinstance(items, list) or not items or len(items) > self._max_calls:
+        items = _hermes_items(text) if self._format == "hermes" else _generic_items(text)
+        if items is None or not items or len(items) > self._max_calls:
             return None
         calls = []
         for index, item in enumerate(items):
@@ -470,6 +534,35 @@ class CallParser:
         return calls
 
 
+def _generic_items(text: str) -> list[Any] | None:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"tool_calls"}
+        or not isinstance(value["tool_calls"], list)
+    ):
+        return None
+    return value["tool_calls"]
+
+
+def _hermes_items(text: str) -> list[Any] | None:
+    """The JSON of each ``<tool_call>`` block, when the text is only such blocks."""
+    items: list[Any] = []
+    position = 0
+    for match in _HERMES_CALL_RE.finditer(text):
+        if match.start() != position:
+            return None
+        position = match.end()
+        try:
+            items.append(json.loads(match.group(1)))
+        except (ValueError, RecursionError):
+            return None
+    return items if position == len(text) else None
+
+
 def _valid(instance: Any, schema: Mapping[str, Any]) -> bool:
     import jsonschema_rs
 
@@ -486,7 +579,8 @@ class _CallScanner:
     tracks only nesting, strings and which key a value belongs to: the root
     object is depth 1, the array 2, a call object 3, its arguments 4 on."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, call_depth: int = 3) -> None:
+        self._call_depth = call_depth
         self._depth = 0
         self._in_string = False
         self._escape = False
@@ -518,12 +612,12 @@ class _CallScanner:
             if self._in_arguments:
                 arguments.append(char)
                 self._track(char, collect=False)
-                if self._depth == 3 and not self._in_string:  # the arguments object closed
+                if self._depth == self._call_depth and not self._in_string:  # the arguments object closed
                     self._in_arguments = False
                 continue
             was_in_string = self._in_string
-            self._track(char, collect=self._depth == 3)
-            if self._depth != 3 or self._in_string:
+            self._track(char, collect=self._depth == self._call_depth)
+            if self._depth != self._call_depth or self._in_string:
                 continue
             if was_in_string:  # a string of the call object ended
                 value, self._string = "".join(self._string), []

@@ -84,15 +84,54 @@ class ModelUnavailable(InferenceError):
 
 
 @dataclass(frozen=True)
+class NativeCall:
+    """A tool call as a chat template that renders tools reads it."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclass(frozen=True)
 class ChatMessage:
-    role: Role
+    """A message for the chat template. ``tool_calls`` and role ``tool``
+    (with ``tool_call_id``) only reach a template that renders tools
+    (:mod:`inference.tools`); other templates get them written as text."""
+
+    role: Role | Literal["tool"]
     content: str
+    tool_calls: tuple[NativeCall, ...] = ()
+    tool_call_id: str = ""
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
+        if self.role not in (*ROLES, "tool"):
             raise InvalidRequest(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if not isinstance(self.content, str):
             raise InvalidRequest("message content must be a string")
+
+    def template_dict(self) -> dict[str, object]:
+        """The message as chat templates take it (OpenAI's shape; arguments parsed)."""
+        import json
+
+        message: dict[str, object] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                try:
+                    arguments: object = json.loads(call.arguments) if call.arguments else {}
+                except (ValueError, RecursionError):
+                    arguments = call.arguments
+                calls.append(
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": arguments},
+                    }
+                )
+            message["tool_calls"] = calls
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 # The most alternatives a token's logprobs may list (OpenAI's top_logprobs limit).
@@ -207,6 +246,9 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     transport: Transport = "command"
     prompt: str | None = None
+    # OpenAI's tool definitions, for a chat template that renders tools
+    # (inference.tools: only a local engine whose template does gets them).
+    tools: tuple[dict[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         if self.prompt is not None:

@@ -49,7 +49,7 @@ def test_it_accepts_the_defaults_and_the_extremes() -> None:
 
 def test_it_refuses_an_unknown_role_and_an_empty_request() -> None:
     with pytest.raises(InvalidRequest, match="role must be one of system, user, assistant"):
-        ChatMessage("tool", "hi")  # type: ignore[arg-type]
+        ChatMessage("moderator", "hi")  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest, match="message content must be a string"):
         ChatMessage("user", 3)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest, match="at least one message"):

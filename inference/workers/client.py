@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from channels.exceptions import ChannelFull
@@ -250,7 +250,11 @@ class WorkerClient:
         worker, all busy) are raised from the iteration."""
         return WorkerStream(self, request)
 
-    def count_prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+    def count_prompt_tokens(
+        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, object]] = ()
+    ) -> int:
+        # Tools reach only a local engine whose template renders them (inference.tools).
+        assert not tools, "this client's model gets tools written into its messages"
         """Asks a worker (the model's own tokenizer and template). Blocking:
         call it from a thread without an event loop (``asyncio.to_thread``)."""
         return asyncio.run(self._count(messages))
