@@ -392,6 +392,7 @@ class RemoteClient:
     def stream(self, request: GenerationRequest) -> RemoteStream:
         """Start the request on the running loop; raises :class:`EngineBusy`
         when ``max_concurrency`` requests are already running."""
+        _refuse_tools(request.tools)
         if self.saturated:
             metrics.record_refused(model=self.spec.name, transport=request.transport, kind=EngineBusy.kind)
             raise EngineBusy(
@@ -402,9 +403,8 @@ class RemoteClient:
     def count_prompt_tokens(
         self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, object]] = ()
     ) -> int:
-        # Tools reach only a local engine whose template renders them (inference.tools).
-        assert not tools, "this client's model gets tools written into its messages"
         """An estimate that errs on the long side (see :data:`CHARS_PER_TOKEN`)."""
+        _refuse_tools(tools)
         return sum(len(m.content) // CHARS_PER_TOKEN + TOKENS_PER_MESSAGE for m in messages)
 
     @property
@@ -434,3 +434,10 @@ class RemoteClient:
 
     def close(self) -> None:
         """Nothing to free: each stream closes its own connection."""
+
+
+def _refuse_tools(tools: Sequence[Mapping[str, object]]) -> None:
+    """Tools reach a remote model written into its messages
+    (inference.registry.tool_format); definitions given as such would be lost."""
+    if tools:
+        raise InvalidRequest("tools reach a remote model written into its messages, not as definitions")

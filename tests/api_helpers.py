@@ -89,21 +89,28 @@ def live_api(tmp: Path, users: tuple[str, ...] = ("alice",), **changes: str) -> 
 
 
 async def asgi_call(
-    secret: str, body: dict[str, Any], *, disconnect_after: int | None = None
+    secret: str,
+    body: dict[str, Any] | bytes,
+    *,
+    path: str = "/v1/chat/completions",
+    disconnect_after: int | None = None,
 ) -> tuple[int, list[bytes]]:
-    """Send ``body`` through Django's ASGI handler; with ``disconnect_after``,
-    the client goes away once that many body messages arrived. Returns the
-    status and the body messages; the handler has finished (its request
-    task, cancelled or not, is over)."""
-    data = json.dumps(body).encode()
+    """POST ``body`` (JSON, or bytes as they are) to ``path`` through
+    Django's ASGI handler, as Daphne calls it: each request in a
+    thread-sensitive context of its own (the test client shares one thread
+    between concurrent requests, which a sync middleware then holds). With
+    ``disconnect_after``, the client goes away once that many body messages
+    arrived. Returns the status and the body messages; the handler has
+    finished (its request task, cancelled or not, is over)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
         "headers": [

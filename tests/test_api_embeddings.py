@@ -34,7 +34,7 @@ import asyncio
 import base64
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ import numpy.typing as npt
 import openai
 import pytest
 from channels.db import database_sync_to_async
-from django.core.asgi import get_asgi_application
 from django.core.cache import cache
 from prometheus_client import REGISTRY
 
@@ -56,7 +55,7 @@ from inference import registry
 from inference.embeddings import Embedder, plan_batches
 from inference.specs import BUNDLED_DEFAULT_NAME, BUNDLED_DEFAULT_TABLE, ModelConfigError, ModelSpec
 from inference.types import EngineBusy
-from tests.api_helpers import live_api
+from tests.api_helpers import asgi_call, live_api
 from tests.base import MODEL, make_user
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -106,51 +105,7 @@ async def secret() -> str:
 
 
 async def asgi_post(secret: str, path: str, data: bytes) -> tuple[int, bytes]:
-    """POST through Django's ASGI handler, as Daphne calls it: each request
-    in a thread-sensitive context of its own (the test client shares one
-    thread between concurrent requests, which a sync middleware then holds)."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"testserver"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(data)).encode()),
-            (b"authorization", f"Bearer {secret}".encode()),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
-    done = asyncio.Event()
-    sent = False
-    status = 0
-    chunks: list[bytes] = []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": data, "more_body": False}
-        await done.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: Mapping[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message.get("body"):
-            chunks.append(message["body"])
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            done.set()
-
-    await get_asgi_application()(scope, receive, send)
+    status, chunks = await asgi_call(secret, data, path=path)
     return status, b"".join(chunks)
 
 

@@ -172,3 +172,18 @@ def test_auto_reads_the_templates_tags_only_when_they_are_a_call() -> None:
         events = [*parser.feed(other), *parser.close()]
         assert parser.calls == []
         assert "".join(getattr(e, "text", "") for e in events) == other
+
+
+def test_tools_never_go_as_definitions_to_a_client_that_would_drop_them(settings: Any) -> None:
+    """A remote model's template is not seen here: its prompt has the tools
+    written in, and definitions given its client are refused, not lost."""
+    from inference.types import ChatMessage, GenerationRequest, InvalidRequest
+
+    settings.CHATSITE_MODELS = {"upstream": {"url": "http://127.0.0.1:9/v1", "remote_model": "x"}}
+    assert registry.tool_format("upstream") == "generic"
+    client = registry.get_engine("upstream")
+    request = GenerationRequest([ChatMessage("user", "x")], tools=tool_definitions([Tool("f")]))
+    with pytest.raises(InvalidRequest, match="written into its messages"):
+        client.stream(request)
+    with pytest.raises(InvalidRequest, match="written into its messages"):
+        client.count_prompt_tokens(request.messages, request.tools)

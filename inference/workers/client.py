@@ -25,6 +25,7 @@ from inference.types import (
     Finished,
     GenerationRequest,
     InferenceError,
+    InvalidRequest,
     ModelUnavailable,
     StreamEvent,
     WorkerLost,
@@ -248,15 +249,15 @@ class WorkerClient:
     def stream(self, request: GenerationRequest) -> WorkerStream:
         """Send the request to a worker (on the running loop). Refusals (no
         worker, all busy) are raised from the iteration."""
+        _refuse_tools(request.tools)
         return WorkerStream(self, request)
 
     def count_prompt_tokens(
         self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, object]] = ()
     ) -> int:
-        # Tools reach only a local engine whose template renders them (inference.tools).
-        assert not tools, "this client's model gets tools written into its messages"
         """Asks a worker (the model's own tokenizer and template). Blocking:
         call it from a thread without an event loop (``asyncio.to_thread``)."""
+        _refuse_tools(tools)
         return asyncio.run(self._count(messages))
 
     async def _count(self, messages: Sequence[ChatMessage]) -> int:
@@ -332,3 +333,11 @@ class WorkerClient:
 
     def close(self) -> None:
         """Nothing to free: the workers own the models."""
+
+
+def _refuse_tools(tools: Sequence[Mapping[str, object]]) -> None:
+    """The front end writes tools into the messages for a worker's model (it
+    cannot see its template: inference.registry.tool_format); tools given
+    as such would be lost on the way."""
+    if tools:
+        raise InvalidRequest("tools reach a worker's model written into its messages, not as definitions")
