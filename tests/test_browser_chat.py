@@ -408,6 +408,8 @@ def test_it_logs_in_and_shows_markdown_in_light_and_dark(context: BrowserContext
     page.reload()
     expect(page.locator("html")).to_have_attribute("data-theme", "dark")
     expect(page.get_by_role("button", name="Dark theme")).to_have_attribute("aria-pressed", "true")
+    # Only the buttons are pressed: <html> carries data-theme-choice too.
+    expect(page.locator("html")).not_to_have_attribute("aria-pressed", "true")
     dark_background = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert dark_background != light_background
     page.screenshot(path=ARTIFACTS / "chat-dark.png")

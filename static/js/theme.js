@@ -26,7 +26,7 @@
     var root = document.documentElement;
     root.dataset.theme = dark ? "dark" : "light";
     root.dataset.themeChoice = choice;
-    var buttons = document.querySelectorAll("[data-theme-choice]");
+    var buttons = document.querySelectorAll("button[data-theme-choice]");
     for (var i = 0; i < buttons.length; i++) {
       buttons[i].setAttribute("aria-pressed", String(buttons[i].dataset.themeChoice === choice));
     }
@@ -56,7 +56,7 @@
   document.addEventListener("DOMContentLoaded", function () {
     apply(storedChoice());
     document.addEventListener("click", function (event) {
-      var button = event.target.closest ? event.target.closest("[data-theme-choice]") : null;
+      var button = event.target.closest ? event.target.closest("button[data-theme-choice]") : null;
       if (button) choose(button.dataset.themeChoice);
     });
   });
