@@ -68,6 +68,11 @@ class Conversation(ExportModelOperationsMixin("conversation"), models.Model):  #
     # Sampling settings the person chose for this conversation; None: the defaults.
     temperature = models.FloatField(null=True, blank=True)
     max_tokens = models.PositiveIntegerField("max tokens", null=True, blank=True)
+    top_p = models.FloatField("top-p", null=True, blank=True)
+    top_k = models.PositiveIntegerField("top-k", null=True, blank=True)
+    seed = models.PositiveBigIntegerField(null=True, blank=True)
+    # Pinned conversations head the sidebar.
+    pinned = models.BooleanField(default=False)
     # Set explicitly by the services (not auto_now) so that an import keeps the
     # times of the file it reads.
     created_at = models.DateTimeField(default=timezone.now)
@@ -190,6 +195,17 @@ class Message(ExportModelOperationsMixin("message"), models.Model):  # type: ign
     class Meta:
         ordering = ["created_at", "id"]
         indexes = [models.Index(fields=["conversation", "created_at"]), models.Index(fields=["status"])]
+        constraints = [
+            # One reply at a time per conversation, whatever starts it (site
+            # tabs, the API, the command line), across every process: the
+            # streaming reply row is the conversation's lock (chat.services).
+            models.UniqueConstraint(
+                fields=["conversation"],
+                condition=Q(status="streaming"),
+                name="message_one_streaming_reply_per_conversation",
+                violation_error_message="A reply is already being generated in this conversation.",
+            ),
+        ]
 
     def __str__(self) -> str:
         text = " ".join(self.content.split())
