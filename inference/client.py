@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from inference.types import ChatMessage, GenerationRequest, StreamEvent
+from inference.types import ChatMessage, GenerationRequest, Progress, StreamEvent
 
 if TYPE_CHECKING:
     from inference.specs import ModelSpec
@@ -45,6 +45,8 @@ class GenerationStream(Protocol):
     """One request's events, as the caller sees them."""
 
     def cancel(self) -> None: ...
+
+    def progress(self) -> Progress | None: ...
 
     def __aiter__(self) -> AsyncIterator[StreamEvent]: ...
 

@@ -95,6 +95,7 @@ from inference.types import (
     GenerationRequest,
     InferenceError,
     ModelUnavailable,
+    Progress,
     StreamEvent,
     TextDelta,
 )
@@ -233,6 +234,18 @@ class Generation(QueuedStream):
     def cancel(self) -> None:
         """Stop the request; its stream then ends with ``cancelled``."""
         self._engine._cancel(self._job)
+
+    def progress(self) -> Progress | None:
+        """Read from the caller's thread while the engine's thread works:
+        each value read is a whole int or reference, and a stale one only
+        shows the previous step's progress."""
+        job = self._job
+        if job.started_at is None:
+            return Progress("queued" if self._engine.loaded else "loading")
+        scheduled = job.scheduled
+        if scheduled is None:
+            return Progress("loading") if not self._engine.loaded else None
+        return Progress("prompt", min(len(scheduled.slot.tokens), job.prompt_tokens), job.prompt_tokens)
 
     def __del__(self) -> None:
         # A consumer that stops iterating and drops the stream cancels it.
@@ -556,6 +569,11 @@ class Engine:
                 template_stops: tuple[str, ...] = ()
             else:
                 prompt, template_stops = self._prompt_tokens(job.request.messages, job.request.tools)
+                if job.request.continuation:
+                    # The reply's text so far, as the model wrote it: plain text after the opening.
+                    prompt += model.tokenize(
+                        job.request.continuation.encode("utf-8"), add_bos=False, special=False
+                    )
             if len(prompt) >= self.n_ctx:
                 raise ContextLengthExceeded(
                     prompt_tokens=len(prompt), limit=self.n_ctx - 1, model=self.spec.name

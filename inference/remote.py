@@ -393,6 +393,8 @@ class RemoteClient:
         """Start the request on the running loop; raises :class:`EngineBusy`
         when ``max_concurrency`` requests are already running."""
         _refuse_tools(request.tools)
+        if request.continuation:
+            raise InvalidRequest("continuing a reply in place needs a model run by this process")
         if self.saturated:
             metrics.record_refused(model=self.spec.name, transport=request.transport, kind=EngineBusy.kind)
             raise EngineBusy(

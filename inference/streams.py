@@ -12,7 +12,7 @@ import asyncio
 from types import TracebackType
 from typing import Self
 
-from inference.types import Finished, InferenceError, StreamEvent
+from inference.types import Finished, InferenceError, Progress, StreamEvent
 
 
 class QueuedStream:
@@ -28,6 +28,11 @@ class QueuedStream:
 
     def cancel(self) -> None:
         raise NotImplementedError
+
+    def progress(self) -> Progress | None:
+        """Where the request is before its first token; None when the
+        producer does not say (a worker, a remote server)."""
+        return None
 
     def __aiter__(self) -> Self:
         return self

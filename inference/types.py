@@ -249,8 +249,14 @@ class GenerationRequest:
     # OpenAI's tool definitions, for a chat template that renders tools
     # (inference.tools: only a local engine whose template does gets them).
     tools: tuple[dict[str, object], ...] = ()
+    # Text the reply already has (a reply continued in place): it follows
+    # the template's opening of the reply, and the model writes what comes
+    # next. Chat requests to a local engine only.
+    continuation: str = ""
 
     def __post_init__(self) -> None:
+        if self.continuation and self.prompt is not None:
+            raise InvalidRequest("a text completion cannot continue a reply", param="prompt")
         if self.prompt is not None:
             if self.messages:
                 raise InvalidRequest("a request has messages or a prompt, not both", param="prompt")
@@ -260,6 +266,18 @@ class GenerationRequest:
             raise InvalidRequest("a request needs at least one message", param="messages")
         if self.transport not in TRANSPORTS:
             raise InvalidRequest(f"unknown transport {self.transport!r}")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a request is before its first token, for a page to show:
+    ``loading`` (the model is loading), ``queued`` (waiting for a slot), or
+    ``prompt`` (``done`` of ``total`` prompt tokens evaluated, the reused
+    ones counted as done)."""
+
+    phase: Literal["loading", "queued", "prompt"]
+    done: int = 0
+    total: int = 0
 
 
 @dataclass(frozen=True)

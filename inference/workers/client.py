@@ -250,6 +250,8 @@ class WorkerClient:
         """Send the request to a worker (on the running loop). Refusals (no
         worker, all busy) are raised from the iteration."""
         _refuse_tools(request.tools)
+        if request.continuation:
+            raise InvalidRequest("continuing a reply in place needs a model run by this process")
         return WorkerStream(self, request)
 
     def count_prompt_tokens(
