@@ -111,7 +111,7 @@ SCALEOUT_TESTS := tests/test_chat_services.py tests/test_chat_context.py tests/t
 	tests/test_sessions_export.py tests/test_admin_conversations.py tests/test_views_chat.py \
 	tests/test_consumer_chat.py tests/test_ratelimit.py tests/test_api_chat_completions.py \
 	tests/test_api_open.py tests/test_api_consumer_ws.py tests/test_api_live.py \
-	tests/test_budgets.py tests/test_imports_beside_replies.py
+	tests/test_budgets.py tests/test_imports_beside_replies.py tests/test_search.py
 pytest-scaleout: install-dev system-packages
 	$(BIN)/python -m tests.servers $(BIN)/python -m pytest -p tests.scaleout_plugin $(SCALEOUT_TESTS) $(PYTEST_ARGS)
 

@@ -82,9 +82,9 @@ class MessageAdminForm(MessageFormBase):
 @admin.register(Conversation)
 class ConversationAdmin(ConversationAdminBase):
     form = ConversationAdminForm
-    list_display = ("display_title", "owner_display", "model_name", "message_count", "updated_at")
+    list_display = ("display_title", "owner_display", "model_name", "message_count", "pinned", "updated_at")
     list_select_related = ("owner",)
-    list_filter = ("model_name", "updated_at")
+    list_filter = ("model_name", "pinned", "updated_at")
     search_fields = ("title", "messages__content", "=external_id")
     search_help_text = "Search conversation titles and the text of their messages (or an exact session id)."
     raw_id_fields = ("owner",)

@@ -14,14 +14,17 @@ it belongs to someone else, so that ids cannot be probed.
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import NamedTuple, TypedDict
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
-from django.db.models import Count, Exists, OuterRef, Q, QuerySet
+from django.db.models import Count, QuerySet
+from django.utils import timezone
+from django.utils.formats import date_format
 
 from chat.models import Conversation, Message
 from chat.owners import session_owner_token
@@ -200,19 +203,55 @@ def access_message(*, conversation: Conversation, message_id: uuid.UUID) -> Mess
 
 
 def conversations_of(
-    *, user: AbstractBaseUser | AnonymousUser | None, session_key: str | None, search: str = ""
+    *, user: AbstractBaseUser | AnonymousUser | None, session_key: str | None
 ) -> QuerySet[Conversation]:
     """The conversations of a user or session, most recently updated first,
-    each annotated with ``message_count``. ``search`` keeps those whose title
-    or any message contains it (case-insensitive)."""
+    each annotated with ``message_count``. The sidebar's search narrows them
+    (:func:`chat.search.search_conversations`)."""
     conversations = _owned_by(user, session_key)
-    search = search.strip()
-    if search:
-        conversations = conversations.filter(
-            Q(title__icontains=search)
-            | Exists(Message.objects.filter(conversation=OuterRef("pk"), content__icontains=search))
-        )
     return conversations.annotate(message_count=Count("messages")).order_by("-updated_at")
+
+
+class SidebarGroup(NamedTuple):
+    """A heading of the sidebar ("Pinned", "Today", ..., "March 2025") and
+    its conversations, each with the HTML of its search snippet ("" when
+    there is none)."""
+
+    label: str
+    entries: list[tuple[Conversation, str]]
+
+
+def sidebar_group_label(updated: datetime.date, today: datetime.date) -> str:
+    """The date group of a conversation last updated on ``updated``, seen on ``today``."""
+    age = (today - updated).days
+    if age <= 0:  # today, or a clock ahead of this one
+        return "Today"
+    if age == 1:
+        return "Yesterday"
+    if age <= 7:
+        return "Previous 7 days"
+    if age <= 30:
+        return "Previous 30 days"
+    return date_format(updated, "F" if updated.year == today.year else "F Y")
+
+
+def sidebar_groups(entries: Iterable[tuple[Conversation, str]]) -> list[SidebarGroup]:
+    """``entries`` (conversations, most recently updated first, and their
+    snippets) under the sidebar's headings: the pinned ones first, then by
+    the day they were last updated in the current time zone (the server's
+    ``TIME_ZONE`` unless a view activated another)."""
+    today = timezone.localdate()
+    pinned: list[tuple[Conversation, str]] = []
+    by_label: dict[str, list[tuple[Conversation, str]]] = {}
+    for conversation, snippet in entries:
+        if conversation.pinned:
+            pinned.append((conversation, snippet))
+            continue
+        label = sidebar_group_label(timezone.localdate(conversation.updated_at), today)
+        by_label.setdefault(label, []).append((conversation, snippet))
+    groups = [SidebarGroup("Pinned", pinned)] if pinned else []
+    # In the order of the entries, so the newest group comes first.
+    return groups + [SidebarGroup(label, grouped) for label, grouped in by_label.items()]
 
 
 class BranchDisplay(TypedDict):

@@ -1,6 +1,7 @@
 // The sidebar: the conversation list (refreshed from the server, which
-// renders it), its live search, renaming and deleting a conversation, and
-// showing or hiding the sidebar (collapsed on a wide screen, remembered; a
+// renders it under its date headings, with the search's snippets), its live
+// search, pinning, renaming and deleting a conversation, and showing or
+// hiding the sidebar (collapsed on a wide screen, remembered; a
 // drawer over the page on a narrow one).
 
 import { fetchHtml, firstError, postForm } from "./http.js";
@@ -22,7 +23,8 @@ function markCurrent() {
   }
 }
 
-export function refreshSidebar() {
+// ``then``: called once the new list is in the page.
+export function refreshSidebar(then) {
   const query = el.searchInput.value;
   const number = ++listRequest;
   fetchHtml(app.dataset.listUrl + (query ? "?q=" + encodeURIComponent(query) : ""))
@@ -32,13 +34,16 @@ export function refreshSidebar() {
       if (el.list.querySelector(".rename-form:not([hidden])")) return; // don't interrupt a rename
       el.list.innerHTML = html;
       markCurrent();
+      if (then) then();
     })
     .catch(() => {});
 }
 
 export function showConversationTitle(conversationId, title) {
-  const item = el.list.querySelector('[data-conversation-id="' + conversationId + '"] .conversation-title');
-  if (item) item.textContent = title;
+  const item = el.list.querySelector('[data-conversation-id="' + conversationId + '"]');
+  if (!item) return;
+  item.querySelector(".conversation-title").textContent = title;
+  item.querySelector(".conversation-link").title = title;
 }
 
 function openRename(item) {
@@ -57,6 +62,22 @@ function closeRename(item) {
   if (button) button.focus();
 }
 
+// Pinning moves the conversation between headings: the server renders the
+// list again, and the focus goes back to the conversation's pin button.
+function pin(form) {
+  const id = form.closest(".conversation-item").dataset.conversationId;
+  postForm(form).then((result) => {
+    if (!result.ok) {
+      showError(firstError(result.data) || "The conversation could not be pinned.");
+      return;
+    }
+    refreshSidebar(() => {
+      const button = el.list.querySelector('[data-conversation-id="' + id + '"] .pin-button');
+      if (button) button.focus();
+    });
+  });
+}
+
 function rename(form) {
   const item = form.closest(".conversation-item");
   postForm(form).then((result) => {
@@ -66,6 +87,7 @@ function rename(form) {
     }
     const title = result.data.title;
     item.querySelector(".conversation-title").textContent = title;
+    item.querySelector(".conversation-link").title = title;
     item.querySelector(".delete-form").dataset.title = title;
     closeRename(item);
     if (item.dataset.conversationId === state.conversationId) showTitle(title);
@@ -131,6 +153,11 @@ export function initSidebar() {
       }
       form.elements.next.value = window.location.pathname;
       return; // the browser posts it and follows the redirect
+    }
+    if (form.classList.contains("pin-form")) {
+      event.preventDefault();
+      pin(form);
+      return;
     }
     if (!form.classList.contains("rename-form")) return;
     event.preventDefault();
