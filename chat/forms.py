@@ -21,9 +21,10 @@ from inference import registry
 class ConversationSettingsForm(forms.Form):
     """The model and reply settings of one conversation.
 
-    An empty temperature or max tokens means the model's default. The ranges
-    are the ones :func:`chat.services.do_update_conversation_settings` accepts,
-    so that the person sees a message next to the field rather than a refusal.
+    An empty temperature, max tokens, top-p or top-k means the model's
+    default, an empty seed a random one for each reply. The ranges are the
+    ones :func:`chat.services.do_update_conversation_settings` accepts, so
+    that the person sees a message next to the field rather than a refusal.
     """
 
     model = forms.ChoiceField(choices=())
@@ -31,6 +32,10 @@ class ConversationSettingsForm(forms.Form):
     system_prompt = forms.CharField(required=False, strip=False, widget=forms.Textarea)
     temperature = forms.FloatField(required=False, min_value=0, max_value=2)
     max_tokens = forms.IntegerField(required=False, min_value=1, max_value=MAX_TOKENS_LIMIT)
+    # Greater than 0: checked in clean_top_p (min_value would allow 0).
+    top_p = forms.FloatField(required=False, max_value=1)
+    top_k = forms.IntegerField(required=False, min_value=0, max_value=2**31 - 1)
+    seed = forms.IntegerField(required=False, min_value=0, max_value=2**32 - 1)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -44,6 +49,12 @@ class ConversationSettingsForm(forms.Form):
         prompt_field.max_length = limit
         prompt_field.validators.append(MaxLengthValidator(limit))
         prompt_field.widget.attrs["maxlength"] = str(limit)
+
+    def clean_top_p(self) -> float | None:
+        value: float | None = self.cleaned_data.get("top_p")
+        if value is not None and value <= 0:
+            raise ValidationError("Ensure this value is greater than 0.", code="min_value")
+        return value
 
 
 class RenameForm(forms.Form):

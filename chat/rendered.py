@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # The version of the stored HTML; bump it when the renderer's output changes.
-HTML_VERSION = 1
+HTML_VERSION = 2
 # Threads that render (a page's messages are rendered one after the other).
 RENDER_THREADS = 2
 

@@ -36,9 +36,17 @@ bounded:
   ``HIGHLIGHT_CPU_SECONDS`` per message; any other code is shown as escaped
   text, with its ``language-xxx`` class all the same.
 
-The HTML keeps the shape ``static/js/chat.js`` and ``static/css`` expect: every
-code block is ``<div class="highlight"><pre><code>`` (the page adds its Copy
-button to the ``div``), table cells carry ``align``, strikethrough is ``<del>``.
+The HTML keeps the shape ``static/js/chat/copy.js`` and ``static/css`` expect:
+every code block is ``<div class="highlight">`` holding a header
+(``<div class="code-header">`` with the fence's language, to which the page
+adds its Copy and Wrap buttons) and ``<pre tabindex="0" role="group"
+aria-label="Code: ...">`` (focusable, so that the keyboard can scroll it),
+then ``<code>``; table cells carry ``align``, strikethrough is ``<del>``.
+
+Headings are shown under the page's own: the page has its ``h1`` and each
+message a (visually hidden) ``h2`` (``templates/chat/_branch.html``), so a
+message's headings start at ``h3`` and never skip a level
+(:func:`_headings_under_the_page`), whatever levels the Markdown used.
 """
 
 from __future__ import annotations
@@ -107,7 +115,8 @@ ALLOWED_ATTRIBUTES = {
     # Pygments' token classes and the code block's language.
     "code": {"class"},
     "div": {"class"},
-    "pre": {"class"},
+    # Made by _code_block_html only (raw HTML in the Markdown is text).
+    "pre": {"class", "tabindex", "role", "aria-label"},
     "span": {"class"},
     "td": {"align"},
     "th": {"align"},
@@ -186,6 +195,13 @@ HIGHLIGHT_CPU_SECONDS = 0.2
 # the budget may overrun by, times this.
 _TOKENS_PER_CLOCK_CHECK = 4
 
+# A message's first heading level: under the page's h1 and the message's h2.
+FIRST_HEADING_LEVEL = 3
+# The label of a code block whose fence names no language, and the longest
+# shown (the info string's first word can be a whole line).
+PLAIN_CODE_LABEL = "text"
+CODE_LABEL_MAX_CHARS = 40
+
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _RenderRule = Callable[[RendererHTML, Sequence[Token], int, OptionsDict, EnvType], str]
@@ -232,7 +248,10 @@ def _code_block_html(code: str, language: str, env: EnvType) -> str:
     if body is None:
         body = escapeHtml(code)
     css_class = f' class="language-{escapeHtml(language)}"' if language else ""
-    return f'<div class="highlight"><pre><code{css_class}>{body}</code></pre></div>\n'
+    label = escapeHtml(language[:CODE_LABEL_MAX_CHARS] or PLAIN_CODE_LABEL)
+    header = f'<div class="code-header"><span class="code-language">{label}</span></div>'
+    pre = f'<pre tabindex="0" role="group" aria-label="Code: {label}">'
+    return f'<div class="highlight">{header}{pre}<code{css_class}>{body}</code></pre></div>\n'
 
 
 def _fence(self: RendererHTML, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType) -> str:
@@ -272,6 +291,27 @@ def _mark_images_in_links(state: StateCore) -> None:
                 token.meta["in_link"] = True
 
 
+def _headings_under_the_page(state: StateCore) -> None:
+    """Give the message's headings the levels they have under the page's:
+    the first is ``h3`` (FIRST_HEADING_LEVEL) and each is at most one level
+    deeper than the one before it, as an outline of the Markdown's levels
+    (``#`` then ``###`` is h3 then h4; ``###`` alone is h3). Past ``h6``,
+    headings stay ``h6``."""
+    # The headings still open above the next one: (Markdown level, shown level).
+    open_headings: list[tuple[int, int]] = []
+    shown = FIRST_HEADING_LEVEL
+    for token in state.tokens:
+        if token.type == "heading_open":
+            level = int(token.tag[1:])
+            while open_headings and open_headings[-1][0] >= level:
+                open_headings.pop()
+            shown = min(open_headings[-1][1] + 1, 6) if open_headings else FIRST_HEADING_LEVEL
+            open_headings.append((level, shown))
+            token.tag = f"h{shown}"
+        elif token.type == "heading_close":
+            token.tag = f"h{shown}"
+
+
 def _cell_open(
     self: RendererHTML, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType
 ) -> str:
@@ -288,6 +328,7 @@ def _markdown() -> MarkdownIt:
     md = MarkdownIt("commonmark", {"html": False, "maxNesting": MAX_NESTING})
     md.enable(["table", "strikethrough"])
     md.core.ruler.push("images_in_links", _mark_images_in_links)
+    md.core.ruler.push("headings_under_the_page", _headings_under_the_page)
     rules: dict[str, _RenderRule] = {
         "fence": _fence,
         "code_block": _code_block,

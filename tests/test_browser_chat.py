@@ -209,7 +209,7 @@ def test_it_streams_a_reply_and_shows_it_again_after_a_reload(context: BrowserCo
     assert frames.of_type("done", reply_id)[0]["stats"]["completion_tokens"] > 0
     stats = reply.locator(".message-stats")
     expect(stats).to_contain_text(re.compile(r"\d+ tokens"))
-    expect(stats).to_contain_text("tok/s")
+    expect(stats).to_contain_text("tokens/s")
     expect(stats).to_contain_text("smollm2-135m")
     expect(reply.get_by_role("button", name="Regenerate reply")).to_be_visible()
     text = reply.locator(".message-body").inner_text()

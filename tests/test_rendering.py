@@ -5,6 +5,8 @@ code) comes out in the shape the page's CSS and script expect."""
 
 from __future__ import annotations
 
+import itertools
+import re
 from html.parser import HTMLParser
 from urllib.parse import urlsplit
 
@@ -13,7 +15,7 @@ from asgiref.sync import async_to_sync
 from django.test import Client
 
 from chat import rendering
-from chat.consumers import render_branch
+from chat.live import render_branch
 from chat.rendering import ALLOWED_ATTRIBUTES, ALLOWED_TAGS, render_markdown
 from tests.base import make_conversation
 
@@ -102,7 +104,7 @@ def test_it_keeps_markdown_formatting() -> None:
         "```python\nprint('hi')\n```\n\n[link](https://example.com)"
     )
     for fragment in (
-        "<h1>",
+        "<h3>Title</h3>",  # under the page's h1 and the message's h2
         "<strong>bold</strong>",
         "<em>em</em>",
         "<li>one</li>",
@@ -124,7 +126,7 @@ def test_it_turns_images_into_links_so_nothing_remote_loads() -> None:
 
 
 def test_it_renders_an_unclosed_fence_as_code() -> None:
-    assert "<pre>" in render_markdown("```\nstill streaming <b>")
+    assert "<code>still streaming &lt;b&gt;</code></pre>" in render_markdown("```\nstill streaming <b>")
 
 
 def test_it_renders_what_replies_use_in_the_shape_the_page_styles() -> None:
@@ -145,25 +147,83 @@ def test_it_renders_what_replies_use_in_the_shape_the_page_styles() -> None:
         assert cell in html
 
 
-def test_it_puts_every_code_block_in_a_highlight_div_for_the_copy_button() -> None:
+def _code_block(label: str) -> str:
+    """The start of a code block, up to its ``<code>``: the header the page
+    adds Copy and Wrap to, and a pre that the keyboard can focus and scroll."""
+    return (
+        f'<div class="highlight"><div class="code-header"><span class="code-language">{label}</span></div>'
+        f'<pre tabindex="0" role="group" aria-label="Code: {label}">'
+    )
+
+
+def test_it_puts_every_code_block_in_a_highlight_div_with_a_header() -> None:
     highlighted = render_markdown("```python\nprint('hi')\n```")
     assert highlighted.startswith(
-        '<div class="highlight"><pre><code class="language-python"><span class="nb">print'
+        _code_block("python") + '<code class="language-python"><span class="nb">print'
     )
     unknown = render_markdown("```brainfuck\n+<script>.\n```")
     expected = (
-        '<div class="highlight"><pre><code class="language-brainfuck">+&lt;script&gt;.\n</code></pre></div>'
+        _code_block("brainfuck") + '<code class="language-brainfuck">+&lt;script&gt;.\n</code></pre></div>'
     )
     assert unknown == expected + "\n"
     indented = render_markdown("text\n\n    code <b>\n")
-    assert '<div class="highlight"><pre><code>code &lt;b&gt;\n</code></pre></div>' in indented
+    assert _code_block("text") + "<code>code &lt;b&gt;\n</code></pre></div>" in indented
+    assert render_markdown("```\nplain\n```").startswith(_code_block("text") + "<code>plain")
+
+
+def test_it_escapes_the_language_of_a_fence_in_its_header() -> None:
+    html = render_markdown('```"><script>alert(1)</script>\nx\n```')
+    assert "<script>" not in html
+    assert '<span class="code-language">"&gt;&lt;script&gt;alert(1)&lt;/script&gt;</span>' in html
+    assert 'aria-label="Code: &quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;"' in html
+    assert problems(html) == []
+    long = render_markdown("```" + "x" * 500 + "\ny\n```")
+    assert f'<span class="code-language">{"x" * rendering.CODE_LABEL_MAX_CHARS}</span>' in long
+
+
+def _heading_levels(markdown: str) -> list[int]:
+    html = render_markdown(markdown)
+    return [int(level) for level in re.findall(r"<h([1-6])>", html)]
+
+
+@pytest.mark.parametrize(
+    ("markdown", "levels"),
+    [
+        ("### Only h3s\n\n### again", [3, 3]),
+        ("# Top\n\n## Section\n\n### Sub", [3, 4, 5]),
+        ("# Top\n\n### Skips a level\n\n# Top again", [3, 4, 3]),
+        ("#### Deep first\n\n## Then higher\n\n### Under it", [3, 3, 4]),
+        ("# a\n## b\n### c\n#### d\n##### e\n###### f", [3, 4, 5, 6, 6, 6]),
+        ("Setext\n======\n\nSecond\n------", [3, 4]),
+        ("> ## quoted\n\n- ### in a list", [3, 4]),
+    ],
+)
+def test_it_puts_the_headings_of_a_message_under_the_page_without_skipping_levels(
+    markdown: str, levels: list[int]
+) -> None:
+    assert _heading_levels(markdown) == levels
+
+
+def test_it_never_skips_a_heading_level_whatever_the_markdown() -> None:
+    # Every sequence of three heading levels: the first is h3, and each is at
+    # most one deeper than the one before (axe-core's heading-order).
+    for first in range(1, 7):
+        for second in range(1, 7):
+            for third in range(1, 7):
+                shown = _heading_levels("\n\n".join("#" * n + " h" for n in (first, second, third)))
+                assert shown[0] == rendering.FIRST_HEADING_LEVEL
+                assert all(b <= a + 1 for a, b in itertools.pairwise(shown))
+                assert all(3 <= level <= 6 for level in shown)
 
 
 def test_it_highlights_only_the_allowed_languages() -> None:
-    assert "<span" in render_markdown("```Rust\nfn main() {}\n```")
+    def code_of(markdown: str) -> str:
+        return render_markdown(markdown).partition("<code")[2]  # after the header's label
+
+    assert "<span" in code_of("```Rust\nfn main() {}\n```")
     # Pygments knows these, but their lexers were not measured.
     for language in ("php", "ruby", "markdown", "brainfuck"):
-        assert "<span" not in render_markdown(f"```{language}\nx = 1\n```")
+        assert "<span" not in code_of(f"```{language}\nx = 1\n```")
     assert set(rendering.HIGHLIGHTED_LANGUAGES) >= {
         "python",
         "javascript",
