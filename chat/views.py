@@ -7,20 +7,27 @@ a conversation that does not exist, is a 404 on every URL.
 
 The chat itself (sending, streaming, regenerating, editing, switching
 versions) goes over the WebSocket (:mod:`chat.consumers`); these views render
-the page, the sidebar list, the settings, renaming, deleting and the exports.
+the page, the sidebar list, the settings, renaming, deleting and the exports,
+and count the tokens of the composer's draft (:func:`count_tokens`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar, cast
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.views import redirect_to_login
+from django.core.cache import cache
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
@@ -29,10 +36,14 @@ from django.utils.http import content_disposition_header, url_has_allowed_host_a
 from django.utils.text import slugify
 from django.views.decorators.http import require_GET, require_POST
 
-from chat import rendered, selectors, services, sessions_io
+from chat import frames, rendered, search, selectors, services, sessions_io
+from chat.context import build_prompt
 from chat.forms import ConversationSettingsForm, LoginForm, RenameForm
-from chat.models import Conversation
+from chat.models import Conversation, Message
+from chatsite import ratelimit
 from chatsite.middleware import renew_session, session_exists
+from inference import registry
+from inference.types import ChatMessage, InferenceError
 
 View = TypeVar("View", bound=Callable[..., HttpResponseBase])
 
@@ -109,8 +120,29 @@ def _settings_form(conversation: Conversation | None) -> ConversationSettingsFor
             "system_prompt": conversation.system_prompt,
             "temperature": conversation.temperature,
             "max_tokens": conversation.max_tokens,
+            "top_p": conversation.top_p,
+            "top_k": conversation.top_k,
+            "seed": conversation.seed,
         }
     )
+
+
+def _sidebar(request: HttpRequest) -> dict[str, Any]:
+    """The context of ``templates/chat/_conversation_list.html``: the
+    conversations (``q``: those the search finds, with their snippets) under
+    their headings. Constant queries, whatever their number."""
+    query = request.GET.get("q", "")
+    if query.strip():
+        entries: list[tuple[Conversation, str]] = list(
+            search.search_conversations(query=query, **_owner(request))
+        )
+    else:
+        entries = [(conversation, "") for conversation in selectors.conversations_of(**_owner(request))]
+    return {
+        "conversations": [conversation for conversation, _ in entries],
+        "conversation_groups": selectors.sidebar_groups(entries),
+        "search": query,
+    }
 
 
 def _chat_page(
@@ -122,13 +154,11 @@ def _chat_page(
 ) -> HttpResponse:
     """The chat page: the sidebar, and the shown branch of ``conversation``
     (None: an empty new chat)."""
-    search = request.GET.get("q", "")
     context: dict[str, Any] = {
+        **_sidebar(request),
         "conversation": conversation,
         "entries": [],
         "view_starts_at": None,
-        "conversations": selectors.conversations_of(search=search, **_owner(request)),
-        "search": search,
         "settings_form": settings_form or _settings_form(conversation),
         "settings_open": settings_form is not None,
         "default_temperature": 0.8,
@@ -176,9 +206,7 @@ def conversation(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRespon
 @chat_view
 def conversation_list(request: HttpRequest) -> HttpResponse:
     """The sidebar's list of conversations alone, for the live search."""
-    search = request.GET.get("q", "")
-    conversations = selectors.conversations_of(search=search, **_owner(request))
-    return render(request, "chat/_conversation_list.html", {"conversations": conversations, "search": search})
+    return render(request, "chat/_conversation_list.html", _sidebar(request))
 
 
 @require_POST
@@ -209,9 +237,27 @@ def delete_conversation(request: HttpRequest, conversation_id: uuid.UUID) -> Htt
 
 @require_POST
 @chat_view
+def pin_conversation(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
+    """Pin (``pinned=1``) or unpin (``pinned=0``) a conversation: pinned
+    ones head the sidebar."""
+    conversation = _conversation_or_404(request, conversation_id)
+    pinned = {"1": True, "0": False}.get(request.POST.get("pinned", ""))
+    if pinned is None:
+        message = "pinned is 1 (pin) or 0 (unpin)."
+        if _wants_json(request):
+            return JsonResponse({"errors": {"pinned": [{"message": message, "code": "invalid"}]}}, status=400)
+        return HttpResponse(message, status=400, content_type="text/plain; charset=utf-8")
+    services.do_set_pinned(conversation=conversation, pinned=pinned)
+    if _wants_json(request):
+        return JsonResponse({"id": str(conversation.pk), "pinned": conversation.pinned})
+    return redirect(_next_url(request, reverse("conversation", kwargs={"conversation_id": conversation.pk})))
+
+
+@require_POST
+@chat_view
 def conversation_settings(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
-    """Save the model, system prompt, temperature and max tokens; a bad value
-    changes nothing and is shown next to its field."""
+    """Save the model, system prompt, temperature, max tokens, top-p, top-k
+    and seed; a bad value changes nothing and is shown next to its field."""
     conversation = _conversation_or_404(request, conversation_id)
     form = ConversationSettingsForm(request.POST)
     if form.is_valid():
@@ -222,6 +268,9 @@ def conversation_settings(request: HttpRequest, conversation_id: uuid.UUID) -> H
                 system_prompt=form.cleaned_data["system_prompt"],
                 temperature=form.cleaned_data["temperature"],
                 max_tokens=form.cleaned_data["max_tokens"],
+                top_p=form.cleaned_data["top_p"],
+                top_k=form.cleaned_data["top_k"],
+                seed=form.cleaned_data["seed"],
             )
         except ValueError as error:
             form.add_error(None, str(error))
@@ -280,3 +329,168 @@ class LoginView(auth_views.LoginView):
         response = super().form_valid(form)
         services.do_claim_session_conversations(session_key=anonymous_key, user=form.get_user())
         return response
+
+
+# --- The composer's token counter ----------------------------------------------------
+#
+# POST /tokens {"conversation": id or null, "model": name, "draft": text,
+# "system_prompt": text (a new chat's)} answers {"conversation_tokens",
+# "draft_tokens", "context"}: the prompt a message with this draft would be
+# sent with, counted with the model's own tokenizer and chat template,
+# against the model's context window. The page asks 400 ms after typing
+# stops, one request at a time.
+
+# How long a conversation's count is kept. Its messages are part of the key,
+# so a new message is a new key: the time only bounds what the cache holds.
+HISTORY_COUNT_SECONDS = 600
+
+
+class _Refused(Exception):
+    """A token count the view refuses, with the form errors' JSON shape
+    (``{"errors": {field: [{"message", "code"}]}}``, as ``static/js/chat/http.js`` reads it)."""
+
+    def __init__(
+        self, status: int, field: str, message: str, code: str, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+        self.code = code
+        self.retry_after = retry_after
+
+    def response(self) -> JsonResponse:
+        response = JsonResponse(
+            {"errors": {self.field: [{"message": str(self), "code": self.code}]}}, status=self.status
+        )
+        if self.retry_after is not None:
+            response["Retry-After"] = str(self.retry_after)
+        return response
+
+
+@dataclass(frozen=True)
+class TokenQuestion:
+    """What to count: the ``history`` a next message would be sent with
+    (the system prompt and the earlier messages, as the chat template gets
+    them), and the ``draft`` as that message (None when there is none)."""
+
+    model: str
+    history: tuple[ChatMessage, ...]
+    draft: ChatMessage | None
+
+
+def _token_count_limit(request: HttpRequest) -> ratelimit.Limit:
+    """Counts per minute of a user, else a browser session, else an address
+    (a new visitor has no session before its first message). Beside the
+    frames of the WebSocket, with their budget, but counted apart: typing
+    never uses up the frames that edit or switch."""
+    if request.user.is_authenticated:
+        who = f"user:{request.user.pk}"
+    elif session_exists(request.session):
+        who = f"session:{request.session.session_key}"
+    else:
+        who = f"address:{ratelimit.client_address(request)}"
+    return ratelimit.Limit(f"{who}:token-counts", settings.CHATSITE_RATELIMIT_SESSION_FRAMES_PER_MINUTE, 0)
+
+
+def _body_field(read: Callable[[], Any], field: str) -> Any:
+    try:
+        return read()
+    except frames.FrameError as error:
+        raise _Refused(400, field, str(error), error.code) from None
+
+
+def _token_question(request: HttpRequest) -> TokenQuestion:
+    """Check the request (who asks, how often, the body, the conversation's
+    owner) and pick the messages to count. Reaches the database: call it
+    through ``sync_to_async``. Raises :class:`_Refused`."""
+    if not request.user.is_authenticated and settings.CHATSITE_REQUIRE_LOGIN:
+        raise _Refused(403, "__all__", "Log in to use the chat.", "login_required")
+    try:
+        ratelimit.check_request([_token_count_limit(request)])
+    except ratelimit.RateLimited as exc:
+        raise _Refused(429, "__all__", exc.message, "rate_limited", exc.retry_after) from None
+    # Room for a draft and a system prompt of the longest sizes, JSON escaping and the other fields.
+    max_bytes = (settings.CHATSITE_MAX_MESSAGE_CHARS + settings.CHATSITE_MAX_SYSTEM_PROMPT_CHARS) * 6 + 4096
+    if len(request.body) > max_bytes:
+        raise _Refused(400, "__all__", f"The body is longer than {max_bytes} bytes.", "too_large")
+    try:
+        body = json.loads(request.body)
+    except (ValueError, RecursionError) as exc:
+        raise _Refused(400, "__all__", f"The body is not valid JSON: {exc}", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise _Refused(400, "__all__", "The body is a JSON object.", "invalid")
+    conversation_id = _body_field(lambda: frames.optional_uuid(body, "conversation"), "conversation")
+    model = _body_field(lambda: frames.model_name(body), "model")
+    draft = _body_field(
+        lambda: frames.optional_text(body, "draft", settings.CHATSITE_MAX_MESSAGE_CHARS), "draft"
+    )
+    system_prompt = _body_field(
+        lambda: frames.optional_text(body, "system_prompt", settings.CHATSITE_MAX_SYSTEM_PROMPT_CHARS),
+        "system_prompt",
+    )
+    if conversation_id is None:
+        # A new chat: its system prompt is the one typed in the settings panel.
+        conversation = Conversation(
+            model_name=model or settings.CHATSITE_DEFAULT_MODEL, system_prompt=system_prompt or ""
+        )
+        branch: list[Message] = []
+    else:
+        try:
+            conversation = selectors.access_conversation(conversation_id=conversation_id, **_owner(request))
+        except Conversation.DoesNotExist:
+            raise _Refused(404, "conversation", "No such conversation.", "not_found") from None
+        branch = selectors.shown_branch(conversation)
+    # build_prompt picks the messages as it does for a reply (the system
+    # prompt, the last chat.max_history_messages), with the draft as the
+    # newest; every count is 0 here, so it trims nothing for the context:
+    # the counter is there to show that the prompt would not fit.
+    newest = Message(role=Message.Role.USER, content=draft or "-", status=Message.Status.COMPLETE)
+    prompt = build_prompt(
+        conversation=conversation,
+        branch=[*branch, newest],
+        max_messages=settings.CHATSITE_MAX_HISTORY_MESSAGES,
+        context_size=1,
+        max_tokens=0,
+        count_tokens=lambda messages: 0,
+    )
+    return TokenQuestion(
+        model=model or conversation.model_name,
+        history=prompt.messages[:-1],
+        draft=prompt.messages[-1] if draft else None,
+    )
+
+
+def count_question_tokens(question: TokenQuestion) -> dict[str, int]:
+    """The counts of :func:`count_tokens`'s answer, with the model's
+    tokenizer and chat template. Blocking (the first count loads the model):
+    call it from a worker thread. The history's count is cached, so that
+    each keystroke's question counts only once."""
+    engine = registry.get_engine(question.model)
+    history = list(question.history)
+    digest = hashlib.blake2b(repr((question.model, history)).encode("utf-8"), digest_size=16).hexdigest()
+    key = f"token-count:{digest}"
+    conversation_tokens = cache.get(key)
+    if conversation_tokens is None:
+        conversation_tokens = engine.count_prompt_tokens(history) if history else 0
+        cache.set(key, conversation_tokens, HISTORY_COUNT_SECONDS)
+    draft_tokens = 0
+    if question.draft is not None:
+        draft_tokens = max(0, engine.count_prompt_tokens([*history, question.draft]) - conversation_tokens)
+    return {"conversation_tokens": conversation_tokens, "draft_tokens": draft_tokens, "context": engine.n_ctx}
+
+
+@require_POST
+async def count_tokens(request: HttpRequest) -> JsonResponse:
+    """The composer's counter: tokens of the conversation and of the draft
+    against the model's context (see the comment above). A draft over
+    ``chat.max_message_chars`` or a bad body is a 400 naming the field,
+    someone else's conversation a 404, too many counts a 429. The count runs
+    in a worker thread, off the event loop and off the database's thread."""
+    try:
+        question = await sync_to_async(_token_question)(request)
+        counts = await asyncio.to_thread(count_question_tokens, question)
+    except _Refused as refused:
+        return refused.response()
+    except InferenceError as error:
+        return _Refused(503, "__all__", f"The model cannot count tokens now: {error}", error.kind).response()
+    return JsonResponse(counts)

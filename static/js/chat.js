@@ -29,11 +29,12 @@
 import { scrollToBottom } from "./chat/branch.js";
 import { initComposer, resizeInput, stopReply } from "./chat/composer.js";
 import { addCodeCopyButtons } from "./chat/copy.js";
-import { frameHandlers, resumeAfterMissedFrames } from "./chat/frames.js";
+import { followBranch, frameHandlers, onSocketOpen } from "./chat/frames.js";
 import { initMessageActions } from "./chat/message-actions.js";
 import { initNotices } from "./chat/notices.js";
 import { app, el } from "./chat/page.js";
-import { initSettings } from "./chat/settings.js";
+import { initScrollButton } from "./chat/scroll-button.js";
+import { closeSettings, initSettings, settingsOpen } from "./chat/settings.js";
 import { closeNarrowSidebar, initSidebar, narrowSidebarOpen } from "./chat/sidebar.js";
 import { connect, initSocket } from "./chat/socket.js";
 import { IDLE, STREAMING, setBusy, state } from "./chat/state.js";
@@ -41,19 +42,23 @@ import { IDLE, STREAMING, setBusy, state } from "./chat/state.js";
 function start() {
   state.conversationId = app.dataset.conversationId || null;
   state.hasSession = app.dataset.session === "1";
-  initSocket(frameHandlers, resumeAfterMissedFrames);
+  initSocket(frameHandlers, onSocketOpen);
   initComposer();
   initNotices();
   initMessageActions();
   initSidebar();
+  initScrollButton();
   initSettings();
 
-  // Escape stops a streaming reply, or else closes the sidebar's drawer.
+  // Escape stops a streaming reply, or else closes the settings panel, or
+  // else the sidebar's drawer.
   document.addEventListener("keydown", (event) => {
     if (event.key !== "Escape" || event.defaultPrevented) return;
     if (state.busy === STREAMING) {
       event.preventDefault();
       stopReply();
+    } else if (settingsOpen()) {
+      closeSettings();
     } else if (narrowSidebarOpen()) {
       closeNarrowSidebar();
     }
@@ -61,6 +66,7 @@ function start() {
 
   addCodeCopyButtons(el.branch);
   setBusy(IDLE);
+  followBranch(); // a reply still running shows Stop until the socket brings its text
   resizeInput();
   scrollToBottom();
   if (state.hasSession) connect();
