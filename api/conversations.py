@@ -120,10 +120,13 @@ def store_calls(ended: ReplyEnded, calls: Sequence[ToolCall]) -> None:
 @transaction.atomic
 def open_turn(
     *, user: AbstractBaseUser, session_id: str, model: str, turns: Sequence[Turn]
-) -> tuple[Conversation, Message]:
-    """The conversation and the message to answer; one transaction, so that
-    turns it refuses leave nothing behind (not even a new conversation)."""
+) -> tuple[Conversation, Message, Message]:
+    """The conversation, the message to answer and the streaming reply to
+    it; one transaction, so that turns it refuses leave nothing behind (not
+    even a new conversation), and a conversation whose reply is still
+    streaming takes no turn (:class:`chat.services.ConversationBusy`)."""
     conversation = open_conversation(user=user, session_id=session_id, model=model)
     question = add_turns(conversation=conversation, turns=turns)
+    reply = services.do_start_reply(conversation=conversation, parent=question, model_name=model)
     conversation.refresh_from_db()
-    return conversation, question
+    return conversation, question, reply

@@ -30,6 +30,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 from api.openai import ErrorBody, ErrorDetail
 from api.services import InvalidApiKey
 from chat.replies import ReplyEnded, ReplyError, ReplyFailed
+from chat.services import ConversationBusy
 from chat.sessions_io import ImportsBusy, SessionsFileError
 from chatsite.middleware import DATABASE_RETRY_AFTER
 from chatsite.ratelimit import RateLimited
@@ -92,6 +93,8 @@ def api_error_from(exc: Exception) -> ApiError:
         return _inference_error(exc)
     if isinstance(exc, ReplyFailed):
         return ApiError(500, f"The model failed while generating: {exc}", type="server_error", code="engine")
+    if isinstance(exc, ConversationBusy):
+        return ApiError(409, str(exc), param="session_id", code="conversation_busy")
     if isinstance(exc, SessionsFileError):
         return ApiError(400, f"{exc}. Nothing was imported.", param="body", code="invalid_sessions_file")
     if isinstance(exc, InvalidApiKey | AuthenticationError):

@@ -179,12 +179,13 @@ async def start_chat(caller: Caller, body: ChatBody) -> StartedReply:
             limits=caller.limits,
         )
     else:
-        conversation, question = await database_sync_to_async(open_turn)(
+        conversation, question, started = await database_sync_to_async(open_turn)(
             user=caller.user, session_id=body.session_id, model=model, turns=[Turn("user", body.prompt)]
         )
         run = ReplyRun(
             conversation=conversation,
             parent=question,
+            reply=started,
             params=params,
             transport="api",
             model_name=model,

@@ -29,6 +29,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from django.conf import settings
 
 from api.errors import ApiError
+from chat.live import LiveReply
 from chat.replies import ReplyEnded, ReplyEvent, ReplyRun, ReplyStarted, ReplyText
 from inference import registry
 from inference.types import ModelUnavailable, SamplingParams
@@ -91,8 +92,10 @@ class StartedReply:
 
 async def start_reply(run: ReplyRun) -> StartedReply:
     """Start ``run`` up to its first piece of text (or its end); raises the
-    error that refused it before its first token."""
-    events = aiter(run)
+    error that refused it before its first token. A reply in a conversation
+    is told to the pages watching it (:class:`chat.live.LiveReply`), and a
+    page may stop it."""
+    events = LiveReply(run, background=False).relay() if run.conversation is not None else aiter(run)
     try:
         first = await anext(events)
         while isinstance(first, ReplyStarted):

@@ -201,6 +201,7 @@ class _Opened:
     conversation: Conversation
     question: Message
     stored: StoredResponse
+    reply: Message
 
 
 def _open_stored(
@@ -226,11 +227,12 @@ def _open_stored(
         first_existing = conversation.current_leaf_id
         question = add_turns(conversation=conversation, turns=turns, param="input")
         first = _first_added(question, after=first_existing)
+        reply = services.do_start_reply(conversation=conversation, parent=question, model_name=model)
         stored = StoredResponse.objects.create(
-            owner_id=user.pk, conversation=conversation, first_input=first, request=echo
+            owner_id=user.pk, conversation=conversation, first_input=first, request=echo, reply=reply
         )
         conversation.refresh_from_db()
-    return _Opened(conversation, question, stored)
+    return _Opened(conversation, question, stored, reply)
 
 
 def _first_added(last: Message, *, after: uuid.UUID | None) -> Message:
@@ -325,6 +327,7 @@ async def create_response(request: HttpRequest, body: schemas.ResponseRequest) -
         run = ReplyRun(
             conversation=opened.conversation,
             parent=opened.question,
+            reply=opened.reply,
             params=params,
             transport="api",
             model_name=model,

@@ -219,12 +219,13 @@ async def chat_completions(request: HttpRequest, body: schemas.ChatCompletionReq
     )
     conversation: Conversation | None = None
     if body.session_id is not None:
-        conversation, question = await database_sync_to_async(open_turn)(
+        conversation, question, started = await database_sync_to_async(open_turn)(
             user=caller.user, session_id=body.session_id, model=model, turns=turns
         )
         run = ReplyRun(
             conversation=conversation,
             parent=question,
+            reply=started,
             params=params,
             transport="api",
             model_name=model,

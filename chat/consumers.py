@@ -1,11 +1,14 @@
 """The chat site's WebSocket: ``/ws/chat/``, protocol in docs/websocket.md.
 
 The consumer only translates: it checks each frame (:mod:`chat.frames`),
-calls the services, and runs one reply at a time through
-:class:`chat.replies.ReplyRun`, in a task of its own so that a "stop" frame is
-read while the reply streams. It keeps no state a reconnect would need: the
-conversation, its branch and every reply live in the database, so a page that
-reconnects simply reloads them.
+calls the services, and starts replies through :func:`chat.live.start`,
+which runs each in a task of its own: a reply's life does not depend on
+this socket. The socket watches the conversation its page shows (``watch``)
+and hears every frame of it through the channel layer, whoever started the
+reply, in whatever process; it hears its owner's sidebar news too. It keeps
+no state a reconnect would need: the conversation, its branch and every
+reply live in the database, and a page that watches again gets the branch
+and the running reply's text so far.
 """
 
 from __future__ import annotations
@@ -23,56 +26,37 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import DatabaseError
-from django.template.loader import render_to_string
 from django.urls import reverse
 
-from chat import frames, rendered, services, titles
+from chat import frames, live, services, titles
 from chat.frames import FrameError
 from chat.models import Conversation, Message
-from chat.replies import (
-    ReplyEnded,
-    ReplyError,
-    ReplyNotStored,
-    ReplyRun,
-    ReplyStarted,
-    ReplyText,
-    sampling_for,
-)
-from chat.selectors import BranchDisplay, access_conversation, access_message, branch_for_display
+from chat.owners import session_owner_token
+from chat.replies import ReplyRun, sampling_for
+from chat.selectors import access_conversation, access_message
 from chatsite import ratelimit
 from chatsite.middleware import renew_session, session_exists
-from inference.types import InferenceError, InvalidRequest
+from inference.types import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
-# How often the reply's text so far is sent rendered as HTML while it streams
-# (the page formats it at least twice a second)...
-RENDER_INTERVAL = 0.3
-# ...but rendering takes at most a tenth of the reply's time: each render of
-# the text so far costs more as the reply grows (linear in its length), so
-# the next waits ten times as long as the last took. The page shows the
-# streamed text as it comes in between.
-RENDER_SHARE = 0.1
-# How long closing the socket waits for the reply to be stored as stopped.
-STOP_TIMEOUT = 30.0
-
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
-    """One browser tab. At most one reply streams per socket."""
+    """One browser tab: watches one conversation at a time."""
 
     async def connect(self) -> None:
         self.user: AbstractBaseUser | None = None
         self.session_key = ""
-        self.reply_task: asyncio.Task[None] | None = None
-        self.run: ReplyRun | None = None
-        self.run_conversation_id: uuid.UUID | None = None
-        self.title_tasks: set[asyncio.Task[None]] = set()
+        self.watching: uuid.UUID | None = None
+        self.heartbeat: asyncio.Task[None] | None = None
+        self.owner_group = ""
         self.closed = False
         self.limits = ratelimit.websocket_limits(self.scope)
         self.frame_limits = ratelimit.websocket_frame_limits(self.scope)
         user = self.scope.get("user")
         if user is not None and user.is_authenticated:
             self.user = user
+            self.owner_group = live.owner_group(user_id=user.pk)
         elif settings.CHATSITE_REQUIRE_LOGIN:
             await self.close(code=4401)
             return
@@ -84,18 +68,24 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
                 await self.close(code=4403)
                 return
             self.session_key = session.session_key
+            self.owner_group = live.owner_group(
+                user_id=None, session_owner=session_owner_token(self.session_key)
+            )
+        await self.channel_layer.group_add(self.owner_group, self.channel_name)
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
+        # The replies go on: they are the server's (chat.live).
         self.closed = True
-        for task in self.title_tasks:
-            task.cancel()
-        if self.run is not None:
-            self.run.stop()
-        if self.reply_task is not None:
-            # The reply is stored as stopped before the consumer goes.
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self.reply_task), STOP_TIMEOUT)
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
+        with contextlib.suppress(Exception):
+            if self.watching is not None:
+                await self.channel_layer.group_discard(
+                    live.conversation_group(self.watching), self.channel_name
+                )
+            if self.owner_group:
+                await self.channel_layer.group_discard(self.owner_group, self.channel_name)
 
     # -- frames in ---------------------------------------------------------------
 
@@ -112,6 +102,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             await handler(frame)
         except FrameError as exc:
             await self.send_error(exc.code, str(exc))
+        except services.ConversationBusy as exc:
+            await self.send_error("busy", str(exc))
         except Conversation.DoesNotExist:
             await self.send_error("not_found", "No such conversation.")
         except Message.DoesNotExist:
@@ -124,6 +116,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             logger.warning("a chat frame met a database error: %s", exc)
             await self.send_error("unavailable", "The server is busy; try again in a moment.")
 
+    async def on_watch(self, frame: dict[str, Any]) -> None:
+        """Show this conversation: its branch now, then every frame of it,
+        the running reply's text so far first."""
+        conversation = await self.access(frames.required_uuid(frame, "conversation"))
+        # What the page shows ("<last message id>:<its status>"): when the
+        # conversation still ends there, its branch is not sent again (a page
+        # just loaded keeps what the person may be doing in it).
+        shown = frames.optional_text(frame, "shown", 100)
+        await self.watch(conversation.pk)
+        if shown is None or shown != await database_sync_to_async(_shown_leaf)(conversation.pk):
+            await self.send_frame(await live.branch_frame(conversation.pk))
+        await live.ask_runner(conversation.pk, {"type": live.SYNC, "reply_to": self.channel_name})
+
     async def on_send(self, frame: dict[str, Any]) -> None:
         content = frames.message_text(frame, "content")
         model_name = frames.model_name(frame)
@@ -131,68 +136,101 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
             frame, "system_prompt", settings.CHATSITE_MAX_SYSTEM_PROMPT_CHARS
         )
         overrides = frames.sampling_overrides(frame)
-        await self.ensure_idle()
         conversation_id = frames.optional_uuid(frame, "conversation")
         conversation = None if conversation_id is None else await self.access(conversation_id)
+        params_of = None if conversation is None else sampling_params(conversation, overrides)
+        if conversation is not None:
+            await self.refuse_if_streaming(conversation)
         await self.count_request()
         if conversation is None:
             conversation = await self.start_conversation(content, model_name, system_prompt or "", overrides)
-        question = await database_sync_to_async(services.do_add_user_message)(
-            conversation=conversation, content=content
+            params_of = sampling_params(conversation, overrides)
+        await self.watch(conversation.pk)
+        assert params_of is not None
+        question, reply = await database_sync_to_async(services.do_begin_turn)(
+            conversation=conversation, content=content, model_name=model_name
         )
-        self.start_reply(conversation, question, overrides, model_name=model_name)
+        self.start_reply(conversation, question, reply, params_of, model_name=model_name)
 
     async def on_stop(self, frame: dict[str, Any]) -> None:
-        conversation_id = frames.required_uuid(frame, "conversation")
-        if self.run is None or self.run_conversation_id != conversation_id:
+        conversation = await self.access(frames.required_uuid(frame, "conversation"))
+        streaming = await database_sync_to_async(services.reply_in_progress)(conversation.pk)
+        if streaming is None:
             raise FrameError("idle", "No reply is being generated in this conversation.")
-        self.run.stop()
+        # Whichever process runs it: it stops within a token, and every page hears it end.
+        await live.ask_runner(conversation.pk, {"type": live.STOP})
 
     async def on_regenerate(self, frame: dict[str, Any]) -> None:
         overrides = frames.sampling_overrides(frame)
         model_name = frames.model_name(frame)
-        await self.ensure_idle()
         conversation = await self.access(frames.required_uuid(frame, "conversation"))
-        reply = await self.access_message(conversation, frames.required_uuid(frame, "message"))
-        if reply.role != Message.Role.ASSISTANT or reply.parent_id is None:
+        params = sampling_params(conversation, overrides)
+        message = await self.access_message(conversation, frames.required_uuid(frame, "message"))
+        if message.role != Message.Role.ASSISTANT or message.parent_id is None:
             raise FrameError("invalid", "Only a reply can be regenerated.")
+        await self.refuse_if_streaming(conversation)
         await self.count_request()
-        parent = await database_sync_to_async(lambda: reply.parent)()
-        self.start_reply(conversation, parent, overrides, model_name=model_name)
+        parent = await database_sync_to_async(lambda: message.parent)()
+        assert parent is not None
+        await self.watch(conversation.pk)
+        reply = await database_sync_to_async(services.do_start_reply)(
+            conversation=conversation, parent=parent, model_name=model_name
+        )
+        self.start_reply(conversation, parent, reply, params, model_name=model_name)
 
     async def on_edit(self, frame: dict[str, Any]) -> None:
         content = frames.message_text(frame, "content")
         overrides = frames.sampling_overrides(frame)
         model_name = frames.model_name(frame)
-        await self.ensure_idle()
         conversation = await self.access(frames.required_uuid(frame, "conversation"))
+        params = sampling_params(conversation, overrides)
         message = await self.access_message(conversation, frames.required_uuid(frame, "message"))
         if message.role != Message.Role.USER:
             raise FrameError("invalid", "Only your own messages can be edited.")
+        await self.refuse_if_streaming(conversation)
         await self.count_request()
-        edited = await database_sync_to_async(services.do_edit_user_message)(message=message, content=content)
-        self.start_reply(conversation, edited, overrides, model_name=model_name)
+        await self.watch(conversation.pk)
+        edited, reply = await database_sync_to_async(services.do_begin_edit)(
+            message=message, content=content, model_name=model_name
+        )
+        self.start_reply(conversation, edited, reply, params, model_name=model_name)
+
+    async def on_continue(self, frame: dict[str, Any]) -> None:
+        """Extend a reply the token limit cut, in place."""
+        overrides = frames.sampling_overrides(frame)
+        conversation = await self.access(frames.required_uuid(frame, "conversation"))
+        params = sampling_params(conversation, overrides)
+        message = await self.access_message(conversation, frames.required_uuid(frame, "message"))
+        if (
+            message.role != Message.Role.ASSISTANT
+            or message.status != Message.Status.COMPLETE
+            or message.finish_reason != "length"
+        ):
+            raise FrameError("invalid", "Only a reply cut at the length limit can be continued.")
+        await self.refuse_if_streaming(conversation)
+        await self.count_request()
+        await self.watch(conversation.pk)
+        reply = await database_sync_to_async(services.do_resume_reply)(message=message)
+        parent = await database_sync_to_async(lambda: reply.parent)()
+        assert parent is not None
+        self.start_reply(conversation, parent, reply, params, model_name=reply.model_name)
 
     async def on_switch(self, frame: dict[str, Any]) -> None:
-        await self.ensure_idle()
         conversation = await self.access(frames.required_uuid(frame, "conversation"))
         message = await self.access_message(conversation, frames.required_uuid(frame, "message"))
+        await self.refuse_if_streaming(conversation)
         await database_sync_to_async(services.do_switch_to_sibling)(message=message)
-        await self.send_branch(conversation.pk)
+        # Every page of the conversation shows the branch it now shows.
+        await self.watch(conversation.pk)
+        await live.post_to_conversation(conversation.pk, await live.branch_frame(conversation.pk))
 
     # -- checks --------------------------------------------------------------------
 
-    async def ensure_idle(self) -> None:
-        """Refuse a new reply while one streams. A reply whose done frame was
-        sent is over for the client, even if its task is still recording the
-        tokens it used: wait for that instead of refusing."""
-        task = self.reply_task
-        if task is None or task.done():
-            return
-        if self.run is not None:
+    async def refuse_if_streaming(self, conversation: Conversation) -> None:
+        """One reply at a time per conversation (the database has the last
+        word: chat.services.ConversationBusy; this answers early and plainly)."""
+        if await database_sync_to_async(services.reply_in_progress)(conversation.pk) is not None:
             raise FrameError("busy", "A reply is still being generated: stop it or wait for it to finish.")
-        with contextlib.suppress(Exception):
-            await task
 
     async def count_frame(self) -> None:
         """Count a frame against this session's frames per minute: each may
@@ -225,8 +263,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     async def start_conversation(
         self, content: str, model_name: str, system_prompt: str, overrides: dict[str, Any]
     ) -> Conversation:
-        """A new conversation; the temperature and max tokens of its first
-        message's settings become its own, as the page's settings panel shows."""
+        """A new conversation; the settings of its first message become its
+        own, as the page's settings panel shows."""
         conversation: Conversation = await database_sync_to_async(services.do_start_conversation)(
             model_name=model_name or settings.CHATSITE_DEFAULT_MODEL,
             owner=self.user,
@@ -246,92 +284,67 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
                 },
             }
         )
+        await live.post_to_owner(self.owner_group, {"type": "sidebar"})
         return conversation
 
-    # -- the reply -----------------------------------------------------------------
+    # -- watching ----------------------------------------------------------------
+
+    async def watch(self, conversation_id: uuid.UUID) -> None:
+        """Hear the conversation's frames (and only its frames from now on),
+        and tell its running reply every few seconds that a page watches."""
+        if self.watching == conversation_id:
+            return
+        if self.watching is not None:
+            await self.channel_layer.group_discard(live.conversation_group(self.watching), self.channel_name)
+        self.watching = conversation_id
+        await self.channel_layer.group_add(live.conversation_group(conversation_id), self.channel_name)
+        if self.heartbeat is None:
+            self.heartbeat = asyncio.create_task(self.say_watching())
+
+    async def say_watching(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(live.watch_interval())
+            if self.watching is not None:
+                with contextlib.suppress(Exception):
+                    await live.ask_runner(self.watching, {"type": live.WATCHING})
 
     def start_reply(
-        self, conversation: Conversation, parent: Message, overrides: dict[str, Any], *, model_name: str
+        self,
+        conversation: Conversation,
+        parent: Message,
+        reply: Message,
+        params: Any,
+        *,
+        model_name: str,
     ) -> None:
-        params = sampling_for(
-            conversation, default_max_tokens=settings.CHATSITE_DEFAULT_MAX_TOKENS, **overrides
-        )
-        self.run = ReplyRun(
+        run = ReplyRun(
             conversation=conversation,
             parent=parent,
+            reply=reply,
             params=params,
             transport="websocket",
             model_name=model_name,
             limits=self.limits,
         )
-        self.run_conversation_id = conversation.pk
-        self.reply_task = asyncio.create_task(self.stream_reply(self.run, conversation, parent))
+        live.start(run)
 
-    async def stream_reply(self, run: ReplyRun, conversation: Conversation, parent: Message) -> None:
-        loop = asyncio.get_running_loop()
-        text: list[str] = []
-        next_render = loop.time() + RENDER_INTERVAL
-        ended: ReplyEnded | None = None
-        try:
-            async with run:
-                async for event in run:
-                    if isinstance(event, ReplyText):
-                        text.append(event.text)
-                        await self.send_frame(
-                            {"type": "delta", "reply": str(run.reply_id), "text": event.text}
-                        )
-                        if loop.time() >= next_render:
-                            started = loop.time()
-                            html = await rendered.arender("".join(text))
-                            took = loop.time() - started
-                            await self.send_frame(
-                                {"type": "render", "reply": str(run.reply_id), "html": html}
-                            )
-                            next_render = loop.time() + max(RENDER_INTERVAL, took / RENDER_SHARE)
-                    elif isinstance(event, ReplyStarted):
-                        await self.send_branch(conversation.pk)
-                        await self.send_frame(
-                            {
-                                "type": "started",
-                                "conversation": str(conversation.pk),
-                                "user_message": str(parent.pk),
-                                "reply": str(event.reply.pk),
-                            }
-                        )
-                    else:
-                        ended = event
-                        self.run = None  # over for the client: a new frame may start the next reply
-                        await self.send_frame(await done_frame(event))
-        except Exception:
-            logger.exception("reply in conversation %s failed", conversation.pk)
-            await self.send_frame({"type": "error", "code": "internal", "message": "The reply failed."})
-        finally:
-            self.run = None
-            self.run_conversation_id = None
-        if ended is not None and ended.reply is not None and ended.reply.status == Message.Status.COMPLETE:
-            self.start_title(conversation.pk)
+    # -- frames out: the channel layer's, then the socket ------------------------------
 
-    def start_title(self, conversation_id: uuid.UUID) -> None:
-        if not settings.CHATSITE_GENERATE_TITLES or self.closed:
+    async def chat_frame(self, message: dict[str, Any]) -> None:
+        """A frame of a conversation (chat.live): passed on while it is the
+        one watched (a page that switched may still hear the last few)."""
+        frame = message.get("frame")
+        if not isinstance(frame, dict):
             return
-        task = asyncio.create_task(self.send_title(conversation_id))
-        self.title_tasks.add(task)
-        task.add_done_callback(self.title_tasks.discard)
-
-    async def send_title(self, conversation_id: uuid.UUID) -> None:
-        try:
-            title = await titles.write_title(conversation_id)
-        except Exception:
-            logger.exception("writing a title for conversation %s failed", conversation_id)
+        if frame.get("conversation") != (str(self.watching) if self.watching else None):
             return
-        if title:
-            await self.send_frame({"type": "title", "conversation": str(conversation_id), "title": title})
+        await self.send_frame(frame)
 
-    # -- frames out ----------------------------------------------------------------
-
-    async def send_branch(self, conversation_id: uuid.UUID) -> None:
-        html = await render_branch(conversation_id)
-        await self.send_frame({"type": "branch", "conversation": str(conversation_id), "html": html})
+    async def chat_owner(self, message: dict[str, Any]) -> None:
+        """A frame for every page of this owner (the sidebar's)."""
+        frame = message.get("frame")
+        if isinstance(frame, dict):
+            await self.send_frame(frame)
 
     async def send_error(self, code: str, message: str) -> None:
         await self.send_frame({"type": "error", "code": code, "message": message})
@@ -342,12 +355,30 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         try:
             await self.send_json(frame)
         except Disconnected:
-            # The browser went away; disconnect() follows and stops the reply.
             self.closed = True
 
     @classmethod
     async def encode_json(cls, content: Any) -> str:
         return json.dumps(content, ensure_ascii=False)
+
+
+def sampling_params(conversation: Conversation, overrides: dict[str, Any]) -> Any:
+    """A reply's settings: the conversation's, then the frame's; raises
+    InvalidRequest (an ``invalid`` frame) for a bad one, before anything is written."""
+    return sampling_for(conversation, default_max_tokens=settings.CHATSITE_DEFAULT_MAX_TOKENS, **overrides)
+
+
+def _shown_leaf(conversation_id: uuid.UUID) -> str:
+    """``"<id>:<status>"`` of the message that ends the conversation's shown branch."""
+    leaf = (
+        Message.objects.filter(
+            conversation_id=conversation_id,
+            pk=Conversation.objects.filter(pk=conversation_id).values("current_leaf_id")[:1],
+        )
+        .values_list("pk", "status")
+        .first()
+    )
+    return f"{leaf[0]}:{leaf[1]}" if leaf is not None else ""
 
 
 def _renew_stored_session(session: Any) -> bool:
@@ -358,61 +389,3 @@ def _renew_stored_session(session: Any) -> bool:
     if renew_session(session):
         session.save()
     return True
-
-
-def _branch_of(conversation_id: uuid.UUID) -> BranchDisplay:
-    return branch_for_display(Conversation.objects.get(pk=conversation_id))
-
-
-async def render_branch(conversation_id: uuid.UUID) -> str:
-    """The shown branch as HTML: read in the database thread, rendered (the
-    messages' Markdown when not kept yet, then the template) in the render
-    pool, never in the thread that serves every database call."""
-    branch = await database_sync_to_async(_branch_of)(conversation_id)
-    await rendered.ensure_html([entry.message for entry in branch["entries"]])
-    return await rendered.in_pool(render_to_string, "chat/_branch.html", branch)
-
-
-def error_code(error: ReplyError | None) -> str:
-    """The ``error_code`` of a ``done`` frame (docs/websocket.md) for how a
-    reply failed: an :class:`~inference.types.InferenceError`'s kind
-    (``context_length``, ``busy``, ``engine``, ``invalid_request``,
-    ``worker_lost``), ``rate_limited``, ``storage`` (the reply could not be
-    stored whole) or ``engine`` (the generation failed); empty when it did not."""
-    if error is None:
-        return ""
-    if isinstance(error, ratelimit.RateLimited):
-        return "rate_limited"
-    if isinstance(error, InferenceError):
-        return error.kind
-    if isinstance(error, ReplyNotStored):
-        return "storage"
-    return "engine"
-
-
-async def done_frame(event: ReplyEnded) -> dict[str, Any]:
-    """The ``done`` frame of a reply the site stored."""
-    reply = event.reply
-    assert reply is not None  # the site's replies are stored
-    if reply.html_version == rendered.HTML_VERSION:
-        html = reply.html
-    else:
-        html = await rendered.arender(reply.content)
-    return {
-        "type": "done",
-        "reply": str(reply.pk),
-        "status": reply.status,
-        "html": html,
-        "stats": {
-            "prompt_tokens": reply.prompt_tokens,
-            "completion_tokens": reply.completion_tokens,
-            "tokens_per_second": reply.tokens_per_second,
-            "time_to_first_token": reply.time_to_first_token,
-            "finish_reason": reply.finish_reason,
-            "model": reply.model_name,
-        },
-        "left_out": [str(pk) for pk in event.left_out_ids],
-        "view_starts_at": str(reply.context_starts_at) if reply.context_starts_at else None,
-        "error": reply.error,
-        "error_code": error_code(event.error),
-    }

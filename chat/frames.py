@@ -18,7 +18,7 @@ from chat import services
 from inference import registry
 from inference.types import InvalidRequest, SamplingParams
 
-FRAME_TYPES = frozenset({"send", "stop", "regenerate", "edit", "switch"})
+FRAME_TYPES = frozenset({"send", "stop", "regenerate", "edit", "continue", "switch", "watch"})
 SAMPLING_KEYS = frozenset({"temperature", "max_tokens", "top_p", "top_k", "repeat_penalty", "seed", "stop"})
 
 

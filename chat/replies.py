@@ -90,6 +90,7 @@ from inference.types import (
     GenerationRequest,
     InferenceError,
     InvalidRequest,
+    Progress,
     SamplingParams,
     TextDelta,
     TokenLogprob,
@@ -207,8 +208,9 @@ def sampling_for(
     temperature and max tokens, then ``overrides`` (from the request).
     Raises :class:`InvalidRequest` naming a bad value."""
     values: dict[str, object] = {"max_tokens": conversation.max_tokens or default_max_tokens}
-    if conversation.temperature is not None:
-        values["temperature"] = conversation.temperature
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        if getattr(conversation, name) is not None:
+            values[name] = getattr(conversation, name)
     values.update({key: value for key, value in overrides.items() if value is not None})
     if isinstance(values.get("stop"), list):
         values["stop"] = tuple(values["stop"])  # type: ignore[arg-type]
@@ -344,6 +346,7 @@ class ReplyRun:
         tools: PromptTools | None = None,
         whole_history: bool = False,
         tool_definitions: tuple[dict[str, object], ...] = (),
+        reply: Message | None = None,
     ) -> None:
         if (conversation is None) != (parent is None):
             raise ValueError("a stored reply needs its conversation and the message it answers")
@@ -367,7 +370,22 @@ class ReplyRun:
         self.model_name = model_name or (conversation.model_name if conversation is not None else "")
         self.flush_interval = flush_interval
         self.limits = tuple(limits)
-        self.reply: Message | None = None
+        # A reply row made streaming before the run (chat.services.do_begin_turn,
+        # do_start_reply, do_resume_reply), so that the question and its reply
+        # are stored together or not at all; the run reports it started at
+        # once. One that has text (a reply continued) keeps it, and the
+        # model goes on from it.
+        if reply is not None and (
+            conversation is None
+            or reply.conversation_id != conversation.pk
+            or reply.parent_id != parent.pk  # type: ignore[union-attr]
+            or reply.status != Message.Status.STREAMING
+        ):
+            raise ValueError("a reply given to a run is its conversation's streaming reply to parent")
+        self.reply: Message | None = reply
+        self._started_before = reply is not None
+        self.continuation = reply.content if reply is not None else ""
+        self._earlier_tokens = (reply.completion_tokens or 0) if reply is not None else 0
         self._generation: GenerationStream | None = None
         self._stop_requested = False
         self._events: AsyncGenerator[ReplyEvent, None] | None = None
@@ -404,6 +422,13 @@ class ReplyRun:
     def reply_id(self) -> uuid.UUID | None:
         return self.reply.pk if self.reply is not None else None
 
+    def progress(self) -> Progress | None:
+        """Where the reply is before its first token: ``loading`` until its
+        generation is queued, then the engine's (:meth:`GenerationStream.progress`)."""
+        if self._generation is None:
+            return Progress("loading")
+        return self._generation.progress()
+
     def stop(self) -> None:
         """Stop generating; the reply ends with what it has (a stored one as
         ``stopped``), with ``finished.reason`` ``cancelled`` and no error."""
@@ -436,21 +461,39 @@ class ReplyRun:
         streamed = 0
         refused = False
         try:
+            if self.reply is not None:
+                reply = self.reply
+                yield ReplyStarted(reply, None)
             try:
                 prompt, generation = await self._prepare()
             except (InferenceError, ratelimit.RateLimited) as exc:
                 refused = True
                 if self.conversation is not None:
                     # Kept as an error reply saying why, as the page shows it.
-                    reply = await _with_retries(self._start_reply)
-                    yield ReplyStarted(reply, None)
+                    if reply is None:
+                        reply = await _with_retries(self._start_reply)
+                        yield ReplyStarted(reply, None)
                     reply = await self._close(reply, None, status=Message.Status.ERROR, error=str(exc))
                 yield ReplyEnded(reply, None, error=exc, refused=True)
                 return
+            except BaseException as exc:
+                # A reply row made before the run is the conversation's lock:
+                # never left streaming.
+                if reply is not None:
+                    stopped = isinstance(exc, (asyncio.CancelledError, GeneratorExit))
+                    await asyncio.shield(
+                        self._close(
+                            reply,
+                            None,
+                            status=Message.Status.STOPPED if stopped else Message.Status.ERROR,
+                            error="" if stopped else f"the reply failed: {exc}",
+                        )
+                    )
+                raise
             self._generation = generation
             if self._stop_requested:
                 generation.cancel()
-            if self.conversation is not None:
+            if self.conversation is not None and reply is None:
                 try:
                     reply = await _with_retries(self._start_reply)
                 except BaseException:
@@ -548,7 +591,11 @@ class ReplyRun:
             self._prompt_tokens = prompt.tokens
             definitions = self.tools.definitions() if self.tools is not None else ()
             request = GenerationRequest(
-                prompt.messages, self.params, transport=self.transport, tools=definitions
+                prompt.messages,
+                self.params,
+                transport=self.transport,
+                tools=definitions,
+                continuation=self.continuation,
             )
         else:
             request = GenerationRequest(
@@ -628,7 +675,9 @@ class ReplyRun:
             if finished is not None
             else ("cancelled" if status == "stopped" else "error"),
             prompt_tokens=finished.prompt_tokens if finished is not None else None,
-            completion_tokens=finished.completion_tokens if finished is not None else None,
+            completion_tokens=self._earlier_tokens + finished.completion_tokens
+            if finished is not None
+            else None,
             time_to_first_token=finished.time_to_first_token if finished is not None else None,
             tokens_per_second=finished.tokens_per_second if finished is not None else None,
             error=error,

@@ -13,6 +13,7 @@ or a disconnect loses nothing that was streamed; at start-up
 
 from __future__ import annotations
 
+import enum
 import math
 import uuid
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F, QuerySet, TextField, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
@@ -29,6 +30,35 @@ from chat.models import Conversation, Message
 from chat.owners import session_owner_token
 from chat.rendered import HTML_VERSION
 from chat.selectors import MessageTree, message_tree
+
+
+class ConversationBusy(Exception):
+    """A reply is already being generated in this conversation: one at a
+    time, whatever starts it (the streaming reply row is the lock, kept by
+    the ``message_one_streaming_reply_per_conversation`` constraint)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "A reply is already being generated in this conversation: stop it or wait for it to finish."
+        )
+
+
+def reply_in_progress(conversation_id: uuid.UUID) -> Message | None:
+    """The reply streaming in the conversation, if one is."""
+    return Message.objects.filter(conversation_id=conversation_id, status=Message.Status.STREAMING).first()
+
+
+def _refuse_while_streaming(conversation_id: uuid.UUID) -> None:
+    if Message.objects.filter(conversation_id=conversation_id, status=Message.Status.STREAMING).exists():
+        raise ConversationBusy
+
+
+def _is_streaming_conflict(exc: IntegrityError) -> bool:
+    """Whether an insert failed on the one-streaming-reply constraint
+    (PostgreSQL names it; SQLite names the indexed column)."""
+    text = str(exc)
+    return "message_one_streaming_reply_per_conversation" in text or "chat_message.conversation_id" in text
+
 
 # The statuses a finished reply may end with.
 # INTERRUPTED: the inference worker generating it died (inference.types.WorkerLost).
@@ -100,10 +130,13 @@ def do_add_user_message(
     *, conversation: Conversation, content: str, parent: Message | None = None
 ) -> Message:
     """Add what the person says after ``parent`` (by default the end of the
-    shown branch); the new message becomes the end of the shown branch."""
+    shown branch); the new message becomes the end of the shown branch.
+    Raises :class:`ConversationBusy` while a reply streams: nothing is
+    stored out of order."""
     if not content.strip():
         raise ValueError("a message needs some text")
     _check_belongs(parent, conversation)
+    _refuse_while_streaming(conversation.pk)
     parent_id = parent.pk if parent is not None else conversation.current_leaf_id
     message = Message.objects.create(
         conversation=conversation, parent_id=parent_id, role=Message.Role.USER, content=content
@@ -115,17 +148,72 @@ def do_add_user_message(
 @transaction.atomic
 def do_start_reply(*, conversation: Conversation, parent: Message, model_name: str = "") -> Message:
     """Create the assistant's reply to ``parent``, empty and streaming, and
-    show it. ``model_name`` defaults to the conversation's model."""
+    show it. ``model_name`` defaults to the conversation's model. Raises
+    :class:`ConversationBusy` when a reply streams in the conversation
+    already (call it in the transaction that adds the question, so that a
+    refused question is not stored either)."""
     _check_belongs(parent, conversation)
-    message = Message.objects.create(
-        conversation=conversation,
-        parent=parent,
-        role=Message.Role.ASSISTANT,
-        status=Message.Status.STREAMING,
-        model_name=model_name or conversation.model_name,
-    )
+    _refuse_while_streaming(conversation.pk)
+    try:
+        with transaction.atomic():
+            message = Message.objects.create(
+                conversation=conversation,
+                parent=parent,
+                role=Message.Role.ASSISTANT,
+                status=Message.Status.STREAMING,
+                model_name=model_name or conversation.model_name,
+            )
+    except IntegrityError as exc:  # another process started one since the check
+        if _is_streaming_conflict(exc):
+            raise ConversationBusy from None
+        raise
     _touch(conversation, current_leaf=message)
     return message
+
+
+@transaction.atomic
+def do_begin_turn(
+    *, conversation: Conversation, content: str, model_name: str = ""
+) -> tuple[Message, Message]:
+    """The person's message and the streaming reply to it, in one
+    transaction: both are stored, or neither (:class:`ConversationBusy`)."""
+    question = do_add_user_message(conversation=conversation, content=content)
+    return question, do_start_reply(conversation=conversation, parent=question, model_name=model_name)
+
+
+@transaction.atomic
+def do_begin_edit(*, message: Message, content: str, model_name: str = "") -> tuple[Message, Message]:
+    """An edited sibling of ``message`` and the streaming reply to it, in one
+    transaction (:func:`do_edit_user_message`, :func:`do_start_reply`)."""
+    _refuse_while_streaming(message.conversation_id)
+    edited = do_edit_user_message(message=message, content=content)
+    reply = do_start_reply(conversation=message.conversation, parent=edited, model_name=model_name)
+    return edited, reply
+
+
+@transaction.atomic
+def do_resume_reply(*, message: Message) -> Message:
+    """Make a reply that the token limit cut (complete, ``length``) stream
+    again, to be continued in place: its text stays, what follows is
+    appended. Raises ``ValueError`` for any other reply and
+    :class:`ConversationBusy` when a reply streams in the conversation."""
+    if message.role != Message.Role.ASSISTANT or message.parent_id is None:
+        raise ValueError("only a reply can be continued")
+    _refuse_while_streaming(message.conversation_id)
+    try:
+        with transaction.atomic():
+            resumed = Message.objects.filter(
+                pk=message.pk, status=Message.Status.COMPLETE, finish_reason="length"
+            ).update(status=Message.Status.STREAMING, html="", html_version=0)
+    except IntegrityError as exc:
+        if _is_streaming_conflict(exc):
+            raise ConversationBusy from None
+        raise
+    if not resumed:
+        raise ValueError("only a reply cut at the length limit can be continued")
+    current = Message.objects.get(pk=message.pk)
+    _touch(current.conversation, current_leaf=current)
+    return current
 
 
 def do_append_to_reply(*, message: Message, text: str) -> bool:
@@ -267,11 +355,36 @@ def do_rename_conversation(*, conversation: Conversation, title: str) -> None:
     _touch(conversation, title=title.strip()[:TITLE_MAX_LENGTH])
 
 
-def _check_reply_settings(*, temperature: float | None, max_tokens: int | None) -> None:
+def _check_reply_settings(
+    *,
+    temperature: float | None,
+    max_tokens: int | None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+) -> None:
     if temperature is not None and not (math.isfinite(temperature) and 0 <= temperature <= 2):
         raise ValueError("temperature must be between 0 and 2")
     if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise ValueError(f"max tokens must be between 1 and {MAX_TOKENS_LIMIT}")
+    # The engine's ranges (inference.types.SamplingParams); top-k's upper
+    # bound is what Conversation.top_k keeps on every database.
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise ValueError("top-p must be greater than 0 and at most 1")
+    if top_k is not None and not 0 <= top_k < 2**31:
+        raise ValueError(f"top-k must be between 0 (no limit) and {2**31 - 1}")
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be between 0 and {2**32 - 1}")
+
+
+class _Unchanged(enum.Enum):
+    """The default of the settings a caller of
+    :func:`do_update_conversation_settings` may leave as they are."""
+
+    UNCHANGED = "unchanged"
+
+
+UNCHANGED = _Unchanged.UNCHANGED
 
 
 @transaction.atomic
@@ -282,22 +395,36 @@ def do_update_conversation_settings(
     system_prompt: str,
     temperature: float | None,
     max_tokens: int | None,
+    top_p: float | _Unchanged | None = UNCHANGED,
+    top_k: int | _Unchanged | None = UNCHANGED,
+    seed: int | _Unchanged | None = UNCHANGED,
 ) -> None:
     """Set the model and the reply settings a conversation uses from now on.
 
-    ``temperature`` and ``max_tokens`` None mean the defaults. Raises
+    ``temperature``, ``max_tokens``, ``top_p``, ``top_k`` and ``seed`` None
+    mean the defaults (no seed: a random one per reply); ``UNCHANGED`` (the
+    default of the last three) keeps the conversation's. Raises
     ``ValueError`` naming the setting that is out of range (the model name is
     checked against the configured models by the caller).
     """
     if not model_name:
         raise ValueError("a conversation needs a model")
-    _check_reply_settings(temperature=temperature, max_tokens=max_tokens)
+    if isinstance(top_p, _Unchanged):
+        top_p = conversation.top_p
+    if isinstance(top_k, _Unchanged):
+        top_k = conversation.top_k
+    if isinstance(seed, _Unchanged):
+        seed = conversation.seed
+    _check_reply_settings(temperature=temperature, max_tokens=max_tokens, top_p=top_p, top_k=top_k, seed=seed)
     _touch(
         conversation,
         model_name=model_name,
         system_prompt=system_prompt,
         temperature=temperature,
         max_tokens=max_tokens,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
     )
 
 
@@ -358,6 +485,7 @@ def do_add_messages(
     one typed message.
     """
     roles = set(Message.Role.values)
+    _refuse_while_streaming(conversation.pk)
     parent_id = conversation.current_leaf_id
     last: Message | None = None
     for item in messages:
@@ -507,3 +635,12 @@ def do_edit_message_from_admin(*, message: Message, content: str, status: str) -
     current.save(update_fields=["content", "status", "html", "html_version"])
     Conversation.objects.filter(pk=current.conversation_id).update(updated_at=timezone.now())
     return current
+
+
+@transaction.atomic
+def do_set_pinned(*, conversation: Conversation, pinned: bool) -> None:
+    """Pin or unpin a conversation: pinned ones head the sidebar. Its
+    ``updated_at`` stays: pinning is not activity, and the conversation keeps
+    its place among the dates when it is unpinned."""
+    Conversation.objects.filter(pk=conversation.pk).update(pinned=pinned)
+    conversation.pinned = pinned

@@ -164,7 +164,12 @@ if REDIS_URL:
         }
     }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": CHANNELS_CAPACITY},
+        }
+    }
 
 # --- Inference -------------------------------------------------------------
 # The model table: name -> {path | hf_repo + hf_file | bundled, context_size,
@@ -237,6 +242,10 @@ CHATSITE_REQUIRE_LOGIN = config.get_bool("chat.require_login", False)
 # After a conversation's first reply, the model writes it a short title, as a
 # low-priority request that gives way to every reply.
 CHATSITE_GENERATE_TITLES = config.get_bool("chat.generate_titles", True)
+# A reply runs on the server until it ends or is stopped, whether or not a page
+# watches it. With this above 0, a site reply that no page has watched for this
+# many seconds is stopped (kept as stopped), for machines that want that.
+CHATSITE_STOP_UNWATCHED_AFTER = config.get_float("chat.stop_unwatched_after", 0.0, minimum=0.0)
 # The longest message the site accepts, in characters (WebSocket frames are
 # refused past about four times this many bytes).
 CHATSITE_MAX_MESSAGE_CHARS = config.get_int("chat.max_message_chars", 32_000, minimum=1)

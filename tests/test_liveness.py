@@ -100,3 +100,35 @@ def test_it_answers_health_while_the_worst_schemas_are_sent(server: Any) -> None
     # The same process answers: it never crashed and was never restarted.
     assert process.poll() is None
     assert requests.get(server.url + "/health", timeout=LIVE).status_code == 200
+
+
+async def test_it_keeps_other_chats_streaming_while_one_person_floods_watch_frames(server: Any) -> None:
+    """Every watch renders a branch and asks for a snapshot: twenty tabs of
+    one attacker asking as fast as they can, on a conversation whose long
+    reply streams to all of them, leave another person's reply going."""
+    async with Chat(server.url) as attacker:
+        await attacker.send("Write a long story about a lighthouse keeper. " * 40, 300)
+        started = await frames_until(attacker, {"started"}, 120)
+        conversation = started["conversation"]
+        tabs = [Chat(server.url, attacker.cookie) for _ in range(20)]
+        for tab in tabs:
+            await tab.__aenter__()
+        try:
+            watch = json.dumps({"type": "watch", "conversation": conversation})
+
+            async def flood(tab: Chat) -> None:
+                for _ in range(10):
+                    await tab.socket.send(watch)
+
+            async with Chat(server.url) as victim:
+                await victim.send("Write a long story about the sea.", 96)
+                await frames_until(victim, {"delta"}, 120)
+                await asyncio.gather(*(flood(tab) for tab in tabs))
+                done = await frames_until(victim, {"done"}, LIVE)
+                assert done["status"] == "complete"
+            # The attacker's tabs were answered, and refused once past the frames limit.
+            answers = [await frames_until(tab, {"branch", "error"}, LIVE) for tab in tabs]
+            assert {a["type"] for a in answers} <= {"branch", "error"}
+        finally:
+            for tab in tabs:
+                await tab.__aexit__()

@@ -105,17 +105,23 @@ class Command(BaseCommand):
             )
         except InferenceError as exc:
             raise CommandError(str(exc)) from None
-        question = services.do_add_user_message(conversation=conversation, content=options["prompt"])
+        try:
+            # The question and its reply row together, as the site stores them.
+            question, reply = services.do_begin_turn(conversation=conversation, content=options["prompt"])
+        except services.ConversationBusy as exc:
+            raise CommandError(str(exc)) from None
         ended = self._stream(
-            ReplyRun(conversation=conversation, parent=question, params=params, transport="command")
+            ReplyRun(
+                conversation=conversation, parent=question, reply=reply, params=params, transport="command"
+            )
         )
         if ended.error is not None:
             raise CommandError(f"the reply failed: {ended.error}")
-        reply = ended.reply
-        if options["stats"] and reply is not None:
+        stored = ended.reply
+        if options["stats"] and stored is not None:
             self.stderr.write(
-                f"status={reply.status} finish={reply.finish_reason} prompt_tokens={reply.prompt_tokens} "
-                f"completion_tokens={reply.completion_tokens} reply={reply.pk}"
+                f"status={stored.status} finish={stored.finish_reason} prompt_tokens={stored.prompt_tokens} "
+                f"completion_tokens={stored.completion_tokens} reply={stored.pk}"
             )
 
     def _stream(self, run: ReplyRun) -> ReplyEnded:

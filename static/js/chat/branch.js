@@ -1,11 +1,10 @@
 // The branch: the messages the conversation shows, as the server rendered
 // them (templates/chat/_branch.html), replaced whole by every "branch" frame
-// and after a reconnect; keeping the reader's place while it changes; the
-// marker of the messages the model did not see.
+// (each time the page watches the conversation, and when any tab changes
+// it); the message just sent, shown until then; keeping the reader's place
+// while it changes; the marker of the messages the model did not see.
 
 import { addCodeCopyButtons } from "./copy.js";
-import { fetchHtml } from "./http.js";
-import { showNotice } from "./notices.js";
 import { el } from "./page.js";
 
 // What to focus once the next branch frame has replaced the messages:
@@ -92,18 +91,46 @@ function applyRefocus() {
   }
 }
 
-// After the connection dropped: the page may have missed the end of a
-// reply, so it takes the branch from a fresh copy of the conversation's page.
-export function reloadBranch(pageUrl) {
-  fetchHtml(pageUrl)
-    .then((text) => {
-      if (text === null) return;
-      const fresh = new DOMParser().parseFromString(text, "text/html").getElementById("branch");
-      if (fresh) keepingBottom(() => setBranch(fresh.innerHTML));
-      const streaming = el.branch.querySelector('.message[data-status="streaming"]');
-      if (streaming) showNotice("A reply is still being written; reload the page to see it finished.");
-    })
-    .catch(() => {});
+// The reply streaming in the branch shown, if one is.
+export function streamingArticle() {
+  return el.branch.querySelector('.message-assistant[data-status="streaming"]');
+}
+
+function pendingArticle(role, text) {
+  const article = document.createElement("article");
+  article.className = "message message-" + role + " is-pending";
+  article.dataset.role = role;
+  article.setAttribute("aria-label", role === "user" ? "You said" : "Reply");
+  const content = document.createElement("div");
+  content.className = "message-content";
+  if (text) {
+    const body = document.createElement("div");
+    body.className = "message-body";
+    const paragraph = document.createElement("p");
+    paragraph.textContent = text;
+    body.appendChild(paragraph);
+    content.appendChild(body);
+  } else {
+    const progress = document.createElement("div");
+    progress.className = "reply-progress";
+    progress.setAttribute("role", "status");
+    const label = document.createElement("span");
+    label.className = "reply-progress-label";
+    label.textContent = "Sending…";
+    progress.appendChild(label);
+    content.appendChild(progress);
+  }
+  article.appendChild(content);
+  return article;
+}
+
+// The message just sent, shown at once (as text) with its reply to come,
+// until the server's branch frame replaces both.
+export function showPendingTurn(text) {
+  el.emptyState.hidden = true;
+  el.branch.appendChild(pendingArticle("user", text));
+  el.branch.appendChild(pendingArticle("assistant", ""));
+  scrollToBottom();
 }
 
 export function showContextMarker(messageId) {

@@ -1,15 +1,57 @@
 // What the page does with each frame the server sends (docs/websocket.md,
 // "Server → client"): the handlers socket.js dispatches to, by type, and
-// what it does when the socket opens again after frames may have been missed.
+// what it does each time the socket opens: it watches the conversation it
+// shows, and the server answers with the branch as it stands and the text
+// of a reply still running, whoever started it.
 
-import { forgetFocus, reloadBranch, showBranch } from "./branch.js";
+import { forgetFocus, showBranch, streamingArticle } from "./branch.js";
 import { giveBackRefusedMessage } from "./composer.js";
 import { hideError, showError } from "./notices.js";
-import { conversationUrl, showConversation, showTitle } from "./page.js";
-import { appendReplyText, showReplyEnd, showReplyRender } from "./reply.js";
+import { showConversation, showTitle } from "./page.js";
+import {
+  appendDelta,
+  awaitSnapshot,
+  showReplyEnd,
+  showReplyProgress,
+  showReplyRender,
+  showSnapshot,
+  startReply,
+} from "./reply.js";
 import { keepSettingsOfNewConversation } from "./settings.js";
 import { refreshSidebar, showConversationTitle } from "./sidebar.js";
+import { sendFrame } from "./socket.js";
 import { IDLE, STREAMING, WAITING, setBusy, state } from "./state.js";
+
+function mine(frame) {
+  return frame.conversation === state.conversationId;
+}
+
+// The page's state follows the branch shown: a reply streaming in it (this
+// tab's, another's, the API's) means Stop, and no sending until it ends.
+export function followBranch() {
+  const article = streamingArticle();
+  if (article) {
+    const id = article.dataset.messageId;
+    awaitSnapshot(id);
+    if (state.busy !== STREAMING || state.streamingReply !== id) setBusy(STREAMING, id);
+  } else if (state.busy === STREAMING) {
+    setBusy(IDLE);
+  }
+}
+
+// Watch the conversation shown (each time the socket opens).
+// With what it shows ("<last message id>:<status>"), so that the server sends
+// the branch again only when it changed.
+export function watchShownConversation({ fresh = false } = {}) {
+  if (!state.conversationId) return;
+  const frame = { type: "watch", conversation: state.conversationId };
+  const articles = document.querySelectorAll("#branch .message:not(.is-pending)");
+  const last = articles[articles.length - 1];
+  if (!fresh && last && last.dataset.messageId) frame.shown = last.dataset.messageId + ":" + last.dataset.status;
+  sendFrame(frame);
+}
+
+let sidebarTimer = null;
 
 export const frameHandlers = {
   conversation(frame) {
@@ -21,38 +63,54 @@ export const frameHandlers = {
   },
 
   branch(frame) {
-    if (frame.conversation !== state.conversationId) return;
+    if (!mine(frame)) return;
     state.awaitingBranch = false;
     showBranch(frame.html);
+    followBranch();
   },
 
   started(frame) {
-    if (frame.conversation !== state.conversationId) return;
-    state.replyText[frame.reply] = "";
+    if (!mine(frame)) return;
+    startReply(frame.reply, frame.offset);
     setBusy(STREAMING, frame.reply);
     hideError();
   },
 
+  snapshot(frame) {
+    if (!mine(frame)) return;
+    showSnapshot(frame);
+    if (state.busy !== STREAMING) setBusy(STREAMING, frame.reply);
+  },
+
+  progress(frame) {
+    if (mine(frame)) showReplyProgress(frame);
+  },
+
   delta(frame) {
-    if (state.replyText[frame.reply] === undefined) state.replyText[frame.reply] = "";
-    state.replyText[frame.reply] += frame.text;
-    appendReplyText(frame.reply, frame.text);
+    if (!mine(frame)) return;
+    if (!appendDelta(frame)) watchShownConversation({ fresh: true }); // a frame was lost: start again
   },
 
   render(frame) {
-    showReplyRender(frame.reply, frame.html);
+    if (mine(frame)) showReplyRender(frame);
   },
 
   done(frame) {
-    showReplyEnd(frame, state.replyText[frame.reply]);
-    delete state.replyText[frame.reply];
+    if (!mine(frame)) return;
+    showReplyEnd(frame);
     if (state.streamingReply === frame.reply || state.busy !== IDLE) setBusy(IDLE);
-    refreshSidebar();
   },
 
   title(frame) {
     showConversationTitle(frame.conversation, frame.title);
-    if (frame.conversation === state.conversationId) showTitle(frame.title);
+    if (mine(frame)) showTitle(frame.title);
+  },
+
+  // Something changed in the owner's conversations (another tab, the API):
+  // the list is fetched again, once for a burst of news.
+  sidebar() {
+    window.clearTimeout(sidebarTimer);
+    sidebarTimer = window.setTimeout(refreshSidebar, 300);
   },
 
   error(frame) {
@@ -62,16 +120,17 @@ export const frameHandlers = {
     if (state.busy === WAITING) {
       setBusy(IDLE);
       if (state.awaitingBranch) giveBackRefusedMessage();
+      for (const pending of document.querySelectorAll(".message.is-pending")) pending.remove();
+      followBranch();
     }
     state.awaitingBranch = false;
     forgetFocus();
   },
 };
 
-// After the connection dropped: the page may have missed the end of a
-// reply, so it takes the branch from a fresh copy of itself.
-export function resumeAfterMissedFrames() {
-  if (!state.conversationId) return;
-  reloadBranch(conversationUrl(state.conversationId));
-  refreshSidebar();
+// Each time the socket opens: the branch and any running reply, from the
+// server; the sidebar too, after frames may have been missed.
+export function onSocketOpen(missedFrames) {
+  watchShownConversation();
+  if (missedFrames) refreshSidebar();
 }

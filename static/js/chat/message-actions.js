@@ -1,5 +1,6 @@
 // The buttons of each message in the branch: Edit (a new version of one of
-// your messages), Regenerate (a new version of a reply), the switch between
+// your messages), Regenerate (a new version of a reply), Continue (a reply
+// the length limit cut, extended in place), the switch between
 // versions, Copy of a reply's Markdown and of a code block. Each action that
 // asks the server waits for the branch frame that shows its result.
 
@@ -100,6 +101,15 @@ function regenerate(article) {
   });
 }
 
+// A reply the length limit cut goes on in place: the same message grows.
+function continueReply(article) {
+  if (!requireIdle()) return;
+  if (!sendFrame({ type: "continue", conversation: state.conversationId, message: article.dataset.messageId, settings: replySettings() })) return;
+  hideError();
+  article.querySelector('[data-action="continue"]')?.remove();
+  setBusy(WAITING);
+}
+
 function switchVersion(article, button) {
   if (!button.dataset.switchTo || !requireIdle()) return;
   const selector = button.classList.contains("version-previous") ? ".version-previous" : ".version-next";
@@ -131,14 +141,12 @@ export function initMessageActions() {
       case "regenerate":
         regenerate(article);
         break;
+      case "continue":
+        continueReply(article);
+        break;
       case "copy":
         copyText(state.replyText[article.dataset.messageId] || sourceOf(article), button);
         break;
-      case "copy-code": {
-        const code = button.parentElement.querySelector("pre");
-        copyText(code ? code.textContent : "", button);
-        break;
-      }
     }
   });
 }

@@ -6,14 +6,15 @@
 
 import { csrfToken } from "./http.js";
 import { hideNotice, showError, showNotice } from "./notices.js";
+import { app } from "./page.js";
 import { IDLE, setBusy, setConnected, state } from "./state.js";
 
 let socket = null;
 let everConnected = false;
 let reconnectAttempts = 0;
 let leaving = false;
-// frame type -> function(frame), and what to do when the socket opens again
-// after frames may have been missed (initSocket).
+// frame type -> function(frame), and what to do each time the socket opens
+// (initSocket): resume(missedFrames), true when frames may have been missed.
 let handlers = {};
 let resume = () => {};
 
@@ -39,10 +40,10 @@ export function connect() {
       state.queued = null;
       sendFrame(frame);
     }
-    if (state.missedFrames) {
-      state.missedFrames = false;
-      resume();
-    }
+    const missed = state.missedFrames;
+    state.missedFrames = false;
+    resume(missed);
+    app.dataset.connected = "true"; // for tests and styles: the socket is open and watching
   });
   opened.addEventListener("message", (event) => {
     let frame;
@@ -58,9 +59,10 @@ export function connect() {
     if (socket !== opened) return;
     socket = null;
     setConnected(false);
+    app.dataset.connected = "false";
     if (leaving) return;
-    // A reply streaming when the connection dropped goes on or ends on the
-    // server; the page reloads the branch once it is connected again.
+    // A reply streaming when the connection dropped goes on on the server;
+    // once connected again, the page watches it again (frames.js).
     if (state.busy !== IDLE) setBusy(IDLE);
     if (everConnected) state.missedFrames = true;
     showNotice("Connection lost, reconnecting…");
