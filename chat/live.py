@@ -69,6 +69,7 @@ OWNER_FRAME = "chat.owner"
 SYNC = "chat.sync"
 WATCHING = "chat.watching"
 STOP = "chat.stop"
+CLOSED = "chat.closed"
 
 
 def conversation_group(conversation_id: uuid.UUID) -> str:
@@ -327,7 +328,10 @@ class LiveReply:
     async def _open(self) -> None:
         channel_layer = layer()
         try:
-            self._channel = await channel_layer.new_channel("chat-run.")
+            # The layer's own prefix: the Redis layer receives every channel of
+            # a process with that prefix in one loop; a prefix of its own
+            # would hold that loop away from the inference workers' replies.
+            self._channel = await channel_layer.new_channel()
             await channel_layer.group_add(control_group(self.conversation_id), self._channel)
         except Exception:  # the reply runs all the same; pages see it on their next load
             logger.exception("watching conversation %s's reply failed", self.conversation_id)
@@ -338,14 +342,22 @@ class LiveReply:
 
     async def _close(self) -> None:
         self._outbox.put_nowait(None)
-        sender, *others = self._tasks
-        for task in others:
-            task.cancel()
+        sender, ticker, *listener = self._tasks
+        ticker.cancel()
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.shield(sender)
-        if self._channel:
-            with contextlib.suppress(Exception):
-                await layer().group_discard(control_group(self.conversation_id), self._channel)
+        if not self._channel:
+            return
+        channel_layer = layer()
+        with contextlib.suppress(Exception):
+            await channel_layer.group_discard(control_group(self.conversation_id), self._channel)
+        # A layer's receive is never cancelled midway: the Redis layer shares
+        # one receive among the process's channels, and a cancelled one loses
+        # or garbles the messages of others (the inference workers' replies).
+        # The listener is told to end instead.
+        with contextlib.suppress(Exception):
+            await channel_layer.send(self._channel, {"type": CLOSED})
+            await asyncio.wait_for(asyncio.shield(listener[0]), 10)
 
     async def _send(self) -> None:
         """Posts what is in the outbox, in order; consecutive deltas that are
@@ -403,6 +415,8 @@ class LiveReply:
                 self.last_watched = self._loop.time()
             elif kind == STOP:
                 self.run.stop()
+            elif kind == CLOSED:
+                return
 
     async def _tick(self) -> None:
         """Progress before the first token, renders while watched, and the
