@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar, cast
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.forms import AuthenticationForm
@@ -36,7 +36,7 @@ from django.utils.http import content_disposition_header, url_has_allowed_host_a
 from django.utils.text import slugify
 from django.views.decorators.http import require_GET, require_POST
 
-from chat import frames, rendered, search, selectors, services, sessions_io
+from chat import frames, live, rendered, search, selectors, services, sessions_io
 from chat.context import build_prompt
 from chat.forms import ConversationSettingsForm, LoginForm, RenameForm
 from chat.models import Conversation, Message
@@ -209,6 +209,16 @@ def conversation_list(request: HttpRequest) -> HttpResponse:
     return render(request, "chat/_conversation_list.html", _sidebar(request))
 
 
+def _tell_pages(
+    conversation: Conversation, to_owner: dict[str, Any], *, to_conversation: dict[str, Any] | None = None
+) -> None:
+    """Tell the owner's other pages (their sidebars) and the conversation's
+    pages what changed (chat.live); a page that misses it sees it on its next load."""
+    async_to_sync(live.post_to_owner)(live.group_of_owner(conversation), to_owner)
+    if to_conversation is not None:
+        async_to_sync(live.post_to_conversation)(conversation.pk, to_conversation)
+
+
 @require_POST
 @chat_view
 def rename_conversation(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
@@ -219,6 +229,8 @@ def rename_conversation(request: HttpRequest, conversation_id: uuid.UUID) -> Htt
             return JsonResponse({"errors": form.errors.get_json_data()}, status=400)
         return HttpResponse(form.errors.as_text(), status=400, content_type="text/plain; charset=utf-8")
     services.do_rename_conversation(conversation=conversation, title=form.cleaned_data["title"])
+    title = {"type": "title", "conversation": str(conversation.pk), "title": conversation.title}
+    _tell_pages(conversation, {"type": "sidebar"}, to_conversation=title)
     if _wants_json(request):
         return JsonResponse({"id": str(conversation.pk), "title": conversation.title})
     return redirect(_next_url(request, reverse("conversation", kwargs={"conversation_id": conversation.pk})))
@@ -229,7 +241,14 @@ def rename_conversation(request: HttpRequest, conversation_id: uuid.UUID) -> Htt
 def delete_conversation(request: HttpRequest, conversation_id: uuid.UUID) -> HttpResponse:
     conversation = _conversation_or_404(request, conversation_id)
     own_url = reverse("conversation", kwargs={"conversation_id": conversation.pk})
+    # A reply streaming in it stops first (its process keeps nothing then).
+    async_to_sync(live.ask_runner)(conversation.pk, {"type": live.STOP})
     services.do_delete_conversation(conversation=conversation)
+    _tell_pages(
+        conversation,
+        {"type": "sidebar"},
+        to_conversation={"type": "deleted", "conversation": str(conversation_id)},
+    )
     target = _next_url(request, reverse("home"))
     # The page of the deleted conversation is gone: go to the next newest.
     return redirect(reverse("home") if target.startswith(own_url) else target)
@@ -248,6 +267,7 @@ def pin_conversation(request: HttpRequest, conversation_id: uuid.UUID) -> HttpRe
             return JsonResponse({"errors": {"pinned": [{"message": message, "code": "invalid"}]}}, status=400)
         return HttpResponse(message, status=400, content_type="text/plain; charset=utf-8")
     services.do_set_pinned(conversation=conversation, pinned=pinned)
+    _tell_pages(conversation, {"type": "sidebar"})
     if _wants_json(request):
         return JsonResponse({"id": str(conversation.pk), "pinned": conversation.pinned})
     return redirect(_next_url(request, reverse("conversation", kwargs={"conversation_id": conversation.pk})))

@@ -277,3 +277,29 @@ class _context:
 
     def __exit__(self, *exc: object) -> None:
         self.context.close()
+
+
+def test_a_rename_and_a_delete_in_one_tab_show_in_another(context: BrowserContext) -> None:
+    a = context.new_page()
+    a.goto("/new")
+    set_reply_settings(a, max_tokens=8)
+    send(a, "Tell me about owls.")
+    expect(last_reply(a)).to_have_attribute("data-status", "complete")
+    b = context.new_page()
+    b.goto(a.url)
+    expect(b.locator('#app[data-connected="true"]')).to_have_count(1)
+    owls = a.locator(".conversation-item").filter(has_text="Tell me about owls")
+    owls.hover()
+    owls.get_by_role("button", name="Rename Tell me about owls").click()
+    title = owls.get_by_role("textbox", name="New title")
+    title.fill("Night birds")
+    title.press("Enter")
+    # B's header and sidebar follow without a reload.
+    expect(b.locator("#chat-title")).to_have_text("Night birds")
+    expect(b.locator(".conversation-item").filter(has_text="Night birds")).to_have_count(1)
+    renamed = a.locator(".conversation-item").filter(has_text="Night birds")
+    renamed.hover()
+    a.once("dialog", lambda dialog: dialog.accept())
+    renamed.get_by_role("button", name="Delete Night birds").click()
+    expect(b.locator("#error-text")).to_have_text("This conversation was deleted.")
+    expect(b).to_have_url(re.compile(r"/new$|/$"))

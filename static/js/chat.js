@@ -3,10 +3,11 @@
 //
 // The server renders everything the page shows (the branch, the sidebar
 // list); this script speaks the chat consumer's protocol (chat/consumers.py,
-// docs/websocket.md): it sends send/stop/regenerate/edit/switch frames and
-// puts the frames it gets into the page. Text from the model is only ever
-// inserted as text (textContent), or as the HTML the server rendered and
-// sanitized.
+// docs/websocket.md): it watches the conversation shown, sends
+// send/stop/regenerate/edit/continue/switch frames and puts the frames it
+// gets into the page, whichever tab or client caused them. Text from the
+// model is only ever inserted as text (textContent), or as the HTML the
+// server rendered and sanitized.
 //
 // An ES module (no build step), and the entry of the modules in chat/:
 //   state.js            the conversation state: idle / waiting / streaming, ids, queue
@@ -14,11 +15,14 @@
 //   frames.js           what each frame received does to the page
 //   page.js             the page's elements and addresses, its title
 //   branch.js           the messages shown, the reader's place in them
-//   reply.js            a streaming reply: delta, render and done frames
+//   reply.js            a streaming reply: snapshot, progress, delta, render and done frames
+//   stats.js            the stats line under a reply, in words
 //   composer.js         the message box, Send and Stop
-//   message-actions.js  edit, regenerate, versions, copy
+//   context-counter.js  the tokens of the conversation and the draft against the context
+//   scroll-button.js    "Scroll to the newest message"
+//   message-actions.js  edit, regenerate, continue, versions, copy
 //   settings.js         the settings panel and the model picker
-//   sidebar.js          the conversation list, search, rename, delete, the drawer
+//   sidebar.js          the conversation list, search, pin, rename, delete, the drawer
 //   notices.js          the notice line and the error banner
 //   copy.js             the copy buttons and the clipboard
 //   http.js             form posts and fetched HTML

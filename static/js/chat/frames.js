@@ -106,6 +106,14 @@ export const frameHandlers = {
     if (mine(frame)) showTitle(frame.title);
   },
 
+  // The conversation was deleted (in another tab, on another device): its
+  // page is gone, so this one goes where a new visit would.
+  deleted(frame) {
+    if (!mine(frame)) return;
+    showError("This conversation was deleted.");
+    window.setTimeout(() => window.location.assign(document.querySelector(".brand").href), 1500);
+  },
+
   // Something changed in the owner's conversations (another tab, the API):
   // the list is fetched again, once for a burst of news.
   sidebar() {
