@@ -94,7 +94,7 @@ def api_error_from(exc: Exception) -> ApiError:
     if isinstance(exc, ReplyFailed):
         return ApiError(500, f"The model failed while generating: {exc}", type="server_error", code="engine")
     if isinstance(exc, ConversationBusy):
-        return ApiError(409, str(exc), param="session_id", code="conversation_busy")
+        return ApiError(409, str(exc), code="conversation_busy")
     if isinstance(exc, SessionsFileError):
         return ApiError(400, f"{exc}. Nothing was imported.", param="body", code="invalid_sessions_file")
     if isinstance(exc, InvalidApiKey | AuthenticationError):

@@ -210,9 +210,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         await self.refuse_if_streaming(conversation)
         await self.count_request()
         await self.watch(conversation.pk)
-        reply = await database_sync_to_async(services.do_resume_reply)(message=message)
-        parent = await database_sync_to_async(lambda: reply.parent)()
+        # Read before the row streams again: nothing awaits between the two.
+        parent = await database_sync_to_async(lambda: message.parent)()
         assert parent is not None
+        reply = await database_sync_to_async(services.do_resume_reply)(message=message)
         self.start_reply(conversation, parent, reply, params, model_name=reply.model_name)
 
     async def on_switch(self, frame: dict[str, Any]) -> None:

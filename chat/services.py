@@ -199,6 +199,9 @@ def do_resume_reply(*, message: Message) -> Message:
     :class:`ConversationBusy` when a reply streams in the conversation."""
     if message.role != Message.Role.ASSISTANT or message.parent_id is None:
         raise ValueError("only a reply can be continued")
+    if Message.objects.filter(parent_id=message.pk).exists():
+        # What follows it was written after it as it is: never rewritten.
+        raise ValueError("only the last reply of a branch can be continued")
     _refuse_while_streaming(message.conversation_id)
     try:
         with transaction.atomic():

@@ -201,6 +201,13 @@ async def test_continue_extends_a_reply_the_length_limit_cut() -> None:
     assert after.completion_tokens == 24
     # Nothing else was added: the same message grew.
     assert [role for role, _, _ in await branch_of(done["conversation"])] == ["user", "assistant"]
+    # A reply with turns after it is never rewritten.
+    await client.reply(type="send", conversation=done["conversation"], content="More?", settings=greedy(12))
+    await client.send(type="continue", conversation=done["conversation"], message=done["reply"])
+    refused, _ = await client.until("error")
+    assert refused["code"] == "invalid"
+    assert "last reply" in refused["message"]
+    assert (await row(done["reply"])).content == after.content
     await client.close()
 
 
